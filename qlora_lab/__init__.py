@@ -32,3 +32,10 @@ __version__ = "0.1.0"
 # Whether it tries depends on the CPU's instruction set, so the message would
 # appear on some machines and not on others and make notebook outputs differ.
 _logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(_logging.ERROR)
+
+# tqdm.auto warns once per process, inside notebooks, that ipywidgets is not
+# installed, and then falls back to plain text progress bars, which is what the
+# course wants (text bars are what nbval can sanitize).
+import warnings as _warnings
+
+_warnings.filterwarnings("ignore", message="IProgress not found")

@@ -281,6 +281,15 @@ def _looks_like_path(name: str) -> bool:
     return name.startswith(("/", ".", "~")) or name.count("/") > 1 or "\\" in name
 
 
+def _is_connection_failure(err: OSError) -> bool:
+    """True when transformers failed because the hub was unreachable (no
+    network, or offline mode), as opposed to, say, a misspelled model id."""
+    import huggingface_hub.constants
+
+    text = str(err).lower()
+    return huggingface_hub.constants.HF_HUB_OFFLINE or "couldn't connect" in text or "offline" in text
+
+
 def load_model(name_or_path: str, *, dtype: torch.dtype | None = None, quantization_config=None,
                device_map=None, with_tokenizer: bool = True):
     """Load a causal LM (and its tokenizer) from a local directory or a hub id.
@@ -316,11 +325,43 @@ def load_model(name_or_path: str, *, dtype: torch.dtype | None = None, quantizat
             model = AutoModelForCausalLM.from_pretrained(source, **kwargs)
             tokenizer = AutoTokenizer.from_pretrained(source) if with_tokenizer else None
     except OSError as err:
-        if local.is_dir():
+        if local.is_dir() or not _is_connection_failure(err):
             raise
         raise ModelNotAvailableError(
             f"Could not load {name_or_path!r}: it is not a local directory and the Hugging Face Hub "
-            f"could not be reached ({str(err).splitlines()[0]}), so download it on a machine with "
-            f"network (`huggingface-cli download {name_or_path} --local-dir DIR`) and pass DIR instead."
+            f"cannot be reached from this machine, so download it where there is network "
+            f"(`hf download {name_or_path} --local-dir DIR`) and pass DIR instead."
         ) from err
     return (model, tokenizer) if with_tokenizer else model
+
+
+# --------------------------------------------------------------------------- #
+# Talking to a chat model
+# --------------------------------------------------------------------------- #
+def chat(model, tokenizer, conversation, max_new_tokens: int = 64) -> str:
+    """The model's reply to ``conversation`` (a string for one user turn, or a
+    list of ``{"role", "content"}`` messages), decoded greedily so that the same
+    question always gets the same answer.
+
+    The conversation goes through the tokenizer's chat template (SmolLM2 uses
+    ChatML: ``<|im_start|>role\\ncontent<|im_end|>``), which ends with the
+    assistant header so that the model continues as the assistant.
+    """
+    if isinstance(conversation, str):
+        conversation = [{"role": "user", "content": conversation}]
+    if max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
+    inputs = tokenizer.apply_chat_template(
+        conversation, add_generation_prompt=True, return_tensors="pt", return_dict=True
+    )
+    device = next(model.parameters()).device
+    inputs = {k: v.to(device) for k, v in inputs.items()}
+    with torch.no_grad():
+        output = model.generate(
+            **inputs,
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            pad_token_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id,
+        )
+    new_tokens = output[0, inputs["input_ids"].shape[1]:]
+    return tokenizer.decode(new_tokens, skip_special_tokens=True).strip()

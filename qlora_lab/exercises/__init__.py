@@ -1,0 +1,1 @@
+"""Checkers for the exercises at the end of each chapter notebook (one module per chapter)."""
