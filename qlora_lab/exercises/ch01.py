@@ -1,0 +1,179 @@
+"""Checkers for chapter 01 (numbers and int8).
+
+Exercise 1: decode a bfloat16 bit pattern into its value by hand.
+Exercise 2: LLM.int8()'s vector-wise int8 matmul (no outliers), from scratch.
+Exercise 3: mixed-precision decomposition with row statistics taken over the
+            inlier columns only (a variant of what bitsandbytes does).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from qlora_lab import int8
+
+
+def _not_attempted(number: int) -> bool:
+    print(f"Exercise {number}: not attempted yet. Fill in the cell above, run it, then run this one again.")
+    return False
+
+
+def _call(number: int, fn, *args):
+    """Run the learner's function; ``(True, result)``, or ``(False, None)`` after
+    printing why (a skeleton or an exception never stops the notebook)."""
+    try:
+        return True, fn(*args)
+    except NotImplementedError:
+        _not_attempted(number)
+        return False, None
+    except Exception as err:  # noqa: BLE001 - report any mistake to the learner instead of failing
+        print(f"Exercise {number}: your function raised {type(err).__name__}: {err}")
+        return False, None
+
+
+# ---------------------------------------------------------------- exercise 1
+
+
+def check_exercise_1(decode_bfloat16) -> bool:
+    """``decode_bfloat16(pattern)`` takes an int in ``0..65535`` (the 16 bits of a
+    bfloat16) and returns its value as a Python float. Checked on all 65536
+    patterns against ``torch`` (any NaN is accepted for NaN patterns)."""
+    patterns = torch.arange(2**16, dtype=torch.int32)
+    truth = patterns.to(torch.int16).view(torch.bfloat16).double().tolist()
+    for pattern in [0x3F80, 0xC000, 0x0001, 0x7F80] + list(range(2**16)):
+        ok, got = _call(1, decode_bfloat16, pattern)
+        if not ok:
+            return False
+        expected = truth[pattern]
+        try:
+            got = float(got)
+        except (TypeError, ValueError):
+            print(f"Exercise 1: return a float, got {type(got).__name__} for pattern {pattern:#06x}")
+            return False
+        if math.isnan(expected) and math.isnan(got):
+            continue
+        if got != expected:
+            bits = f"{pattern:016b}"
+            print(
+                f"Exercise 1: pattern {pattern:#06x} = {bits[0]} {bits[1:9]} {bits[9:]} is {expected!r}, you returned {got!r}"
+            )
+            exponent = (pattern >> 7) & 0xFF
+            if exponent == 0 and pattern & 0x7F:
+                print("  Hint: exponent field 0 is a subnormal: (-1)^s * 2^(1 - 127) * (mantissa / 2^7), no implicit 1.")
+            elif exponent == 0xFF:
+                print("  Hint: exponent field all ones means infinity (mantissa 0) or NaN (mantissa not 0).")
+            elif got == -expected:
+                print("  Hint: the sign is the top bit (bit 15).")
+            else:
+                print("  Hint: value = (-1)^s * 2^(exponent - 127) * (1 + mantissa / 2^7).")
+            return False
+    print("Exercise 1: correct")
+    return True
+
+
+# ---------------------------------------------------------------- exercise 2
+
+
+def _exercise_2_data() -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(1)
+    # rows of very different size: a single scale for all of them would be visibly worse
+    x = torch.randn(12, 64, generator=g) * torch.logspace(-2, 1, 12).unsqueeze(1)
+    w = torch.randn(20, 64, generator=g) * torch.logspace(-1, 0, 20).unsqueeze(1)
+    return x, w
+
+
+def check_exercise_2(int8_linear) -> bool:
+    """``int8_linear(x, w)`` must compute ``x @ w.T`` the LLM.int8() way without
+    outliers: int8 codes for every row of ``x`` and every row of ``w`` (absmax, 127
+    levels each side), an integer matmul, and one rescale with the outer product of
+    the row absmaxes divided by 127^2. Compared with ``qlora_lab.int8.int8_matmul``
+    to within 1e-5 of the output's largest magnitude (float rounding order may differ)."""
+    x, w = _exercise_2_data()
+    expected = int8.int8_matmul(x, w)
+    ok, got = _call(2, int8_linear, x.clone(), w.clone())
+    if not ok:
+        return False
+    if not isinstance(got, torch.Tensor) or got.shape != expected.shape:
+        shape = tuple(got.shape) if isinstance(got, torch.Tensor) else type(got).__name__
+        print(f"Exercise 2: expected a tensor of shape {tuple(expected.shape)}, got {shape}")
+        return False
+    got = got.float()
+    err = (got - expected).abs().max().item()
+    tol = 1e-5 * expected.abs().max().item()
+    if err <= tol:
+        print("Exercise 2: correct")
+        return True
+    print(f"Exercise 2: your output differs from the reference by up to {err:.3g} (allowed {tol:.3g}).")
+    exact = x @ w.T
+    tensorwise = int8.absmax_dequantize(*int8.absmax_quantize(x)) @ int8.absmax_dequantize(*int8.absmax_quantize(w)).T
+    ratio = (got / expected)[expected.abs() > 1e-3 * expected.abs().max()]
+    if torch.allclose(got, tensorwise, rtol=1e-4, atol=1e-6):
+        print("  Hint: that is tensor-wise quantization; use one absmax per row (dim=1) for x and for w.")
+    elif ratio.numel() and torch.allclose(ratio, ratio.median().expand_as(ratio), rtol=1e-3):
+        print(f"  Hint: every output is off by the same factor {ratio.median().item():.4g}: check the 127s.")
+    elif (got - exact).abs().max() < 1e-4 * exact.abs().max():
+        print("  Hint: that is the float result; quantize x and w to int8 first.")
+    return False
+
+
+# ---------------------------------------------------------------- exercise 3
+
+
+def int8_matmul_inlier_stats(x: torch.Tensor, w: torch.Tensor, threshold: float) -> torch.Tensor:
+    """Reference answer for exercise 3: LLM.int8() where each row's absmax is taken
+    over the inlier columns only (bitsandbytes leaves out only the outlier
+    *elements*). Outlier columns go through the 16-bit path as in ``int8_matmul``."""
+    _, _, cols = int8.vectorwise_quantize(x, threshold)
+    x_inliers = x.clone()
+    x_inliers[:, cols] = 0
+    out = int8.int8_matmul(x_inliers, w)
+    if cols.numel():
+        q_w, stats_w, _ = int8.vectorwise_quantize(w)
+        w_hat = int8.vectorwise_dequantize(q_w, stats_w)
+        out = out + x[:, cols] @ w_hat[:, cols].T
+    return out
+
+
+def _exercise_3_data() -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(16, 96, generator=g)
+    # an outlier feature of size 3..9: above the threshold 6 in some rows only
+    x[:, 11] = torch.linspace(3, 9, 16) * torch.where(torch.arange(16) % 2 == 0, 1.0, -1.0)
+    x[5, 60] = 7.5  # a lone outlier: its whole column goes to the 16-bit path
+    w = torch.randn(24, 96, generator=g) * 0.2
+    return x, w
+
+
+def check_exercise_3(int8_matmul_inliers) -> bool:
+    """``int8_matmul_inliers(x, w, threshold)``: like ``int8_matmul(x, w, threshold)``, but
+    each row's absmax (its scale) is computed over the columns that are not outlier
+    columns. Compared with the reference to within 1e-5 of the output's largest magnitude."""
+    x, w = _exercise_3_data()
+    threshold = 6.0
+    expected = int8_matmul_inlier_stats(x, w, threshold)
+    ok, got = _call(3, int8_matmul_inliers, x.clone(), w.clone(), threshold)
+    if not ok:
+        return False
+    if not isinstance(got, torch.Tensor) or got.shape != expected.shape:
+        shape = tuple(got.shape) if isinstance(got, torch.Tensor) else type(got).__name__
+        print(f"Exercise 3: expected a tensor of shape {tuple(expected.shape)}, got {shape}")
+        return False
+    got = got.float()
+    tol = 1e-5 * expected.abs().max().item()
+    err = (got - expected).abs().max().item()
+    if err <= tol:
+        exact = x @ w.T
+        rel = lambda out: ((out - exact).norm() / exact.norm()).item()  # noqa: E731
+        print(
+            "Exercise 3: correct. Relative error "
+            f"{rel(got):.3g} (bitsandbytes' rule: {rel(int8.int8_matmul(x, w, threshold)):.3g})"
+        )
+        return True
+    print(f"Exercise 3: your output differs from the reference by up to {err:.3g} (allowed {tol:.3g}).")
+    if torch.allclose(got, int8.int8_matmul(x, w, threshold), rtol=1e-4, atol=1e-6):
+        print("  Hint: that is bitsandbytes' rule; zero the whole outlier columns before taking each row's absmax.")
+    elif torch.allclose(got, int8.int8_matmul(x, w), rtol=1e-4, atol=1e-6):
+        print("  Hint: that is int8 without decomposition; add the 16-bit product of the outlier columns.")
+    return False
