@@ -271,12 +271,20 @@ class TrainableParameters:
 
 
 def trainable_parameters(model: nn.Module) -> TrainableParameters:
-    """Count ``model``'s parameters: those with ``requires_grad`` and all of them."""
+    """Count ``model``'s parameters: those with ``requires_grad`` and all of them.
+
+    A quantized layer keeps its frozen weight packed in a buffer, not a
+    parameter; a module that says how many weights it packs
+    (``quantized_weight_numel``, as :class:`qlora_lab.qlora.LinearNF4` does)
+    has them counted in the total, so a 4-bit model reports the same total
+    as its full-precision original.
+    """
     trainable = total = 0
     for p in model.parameters():  # parameters() yields a tied tensor once
         total += p.numel()
         if p.requires_grad:
             trainable += p.numel()
+    total += sum(getattr(m, "quantized_weight_numel", 0) for m in model.modules())
     return TrainableParameters(trainable, total)
 
 

@@ -1,0 +1,69 @@
+"""Checkers for chapter 05 (the QLoRA layer).
+
+Exercise 1: the backward pass of a linear layer with a frozen 4-bit weight.
+Exercise 2: the bytes a 4-bit layer really holds, from its shape alone.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from qlora_lab.nf4 import quantize_4bit
+from qlora_lab.qlora import DequantizeLinear, LinearNF4, memory_footprint
+
+
+def _not_attempted(number: int) -> bool:
+    print(f"Exercise {number}: not attempted yet. Fill in the cell above, run it, then run this one again.")
+    return False
+
+
+def check_exercise_1(input_gradient) -> bool:
+    """``input_gradient(grad_output, packed, state)`` must return dL/dx for
+    ``y = x W^T`` where ``W`` is the weight that ``packed`` and ``state``
+    stand for, with the shape of ``x`` (any number of leading dimensions)."""
+    generator = torch.Generator().manual_seed(5)
+    for shape, leading in [((48, 64), (7,)), ((96, 32), (2, 5)), ((17, 40), (3,))]:
+        weight = torch.randn(shape, generator=generator)
+        packed, state = quantize_4bit(weight, double_quant=True)
+        x = torch.randn(*leading, shape[1], generator=generator, requires_grad=True)
+        grad_output = torch.randn(*leading, shape[0], generator=generator)
+        DequantizeLinear.apply(x, packed, state, None).backward(grad_output)
+        try:
+            got = input_gradient(grad_output, packed, state)
+        except NotImplementedError:
+            return _not_attempted(1)
+        if not isinstance(got, torch.Tensor) or got.shape != x.shape:
+            print(f"Exercise 1: expected a tensor of shape {tuple(x.shape)}, got "
+                  f"{getattr(got, 'shape', type(got).__name__)}")
+            return False
+        if not torch.allclose(got, x.grad, rtol=1e-5, atol=1e-6):
+            print(f"Exercise 1: wrong values for a weight of shape {shape} (largest error "
+                  f"{(got - x.grad).abs().max().item():.3g}).")
+            if torch.allclose(got, grad_output @ weight, rtol=1e-5, atol=1e-6):
+                print("  Hint: you used the full-precision weight; the layer only has the 4-bit one.")
+            return False
+    print("Exercise 1: correct")
+    return True
+
+
+def check_exercise_2(layer_bytes) -> bool:
+    """``layer_bytes(out_features, in_features)`` must return the bytes that a
+    bias-free ``LinearNF4`` (NF4, blocks of 64, double quantization with
+    blocks of 256) holds in its tensors, counted by ``memory_footprint``."""
+    generator = torch.Generator().manual_seed(6)
+    for out_features, in_features in [(576, 576), (1536, 576), (192, 576), (7, 33), (64, 4097)]:
+        weight = torch.randn(out_features, in_features, generator=generator)
+        packed, state = quantize_4bit(weight, blocksize=64, quant_type="nf4", double_quant=True)
+        expected = memory_footprint(LinearNF4(in_features, out_features, packed, state))
+        try:
+            got = layer_bytes(out_features, in_features)
+        except NotImplementedError:
+            return _not_attempted(2)
+        if got != expected:
+            print(f"Exercise 2: a {out_features}x{in_features} layer holds {expected:,} bytes, you said {got!r}.")
+            if got == (out_features * in_features + 1) // 2:
+                print("  Hint: the packed weight is not everything: count the constants too.")
+            return False
+    print("Exercise 2: correct")
+    return True
+
