@@ -169,7 +169,6 @@ def materialise_rest(model, std: float, seed: int) -> int:
 # --------------------------------------------------------------------------- #
 def worker(spec: dict) -> dict:
     import bitsandbytes as bnb
-    import scipy.stats  # noqa: F401  (qlora_lab.nf4 computes the NF4 values with it; part of the runtime)
 
     from qlora_lab.lora import add_lora
     from qlora_lab.memory import _PeakTracker, _release_freed_memory

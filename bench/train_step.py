@@ -22,8 +22,7 @@ turns it off), PyTorch AdamW, lr 2e-4. The variants:
 
 How it is measured. Each variant runs in its own fresh Python process (so
 that nothing else lives in its memory), one after the other. The process
-imports torch, transformers, peft, bitsandbytes, qlora_lab and scipy.stats
-(which ``qlora_lab.nf4`` imports on first use to compute the NF4 values) and
+imports torch, transformers, peft, bitsandbytes and qlora_lab and
 records its resident set size: the *runtime* baseline, subtracted from every
 figure. It
 builds the model (the time is reported as "build", and excluded from the
@@ -170,7 +169,6 @@ def _import_runtime() -> None:
     """Everything any variant imports, before the runtime baseline is taken."""
     import bitsandbytes  # noqa: F401
     import peft  # noqa: F401
-    import scipy.stats  # noqa: F401  (qlora_lab.nf4 builds the NF4 table with it: a library, 23 MB resident)
     import transformers  # noqa: F401
 
 

@@ -74,6 +74,39 @@ def test_symmetric_normal_float_is_the_paper_formula(bits):
     torch.testing.assert_close(code, expected.float(), rtol=0, atol=1e-7)  # float64 formula vs float32 table
 
 
+@pytest.mark.parametrize("bits", [2, 3, 4, 5, 8])
+@pytest.mark.parametrize("symmetric", [False, True])
+def test_normal_float_code_from_scipys_quantiles_is_the_same_to_the_bit(bits, symmetric):
+    """The construction with scipy.stats.norm.ppf as Q (the course's reference
+    for the normal quantile function) gives exactly the codes we compute with
+    torch.special.ndtri."""
+    import numpy as np
+    from scipy.stats import norm
+
+    offset = nf4.normal_float_offset(bits)
+    if symmetric:
+        q = norm.ppf(np.linspace(1 - offset, offset, 2**bits + 1))
+        mid = (q[:-1] + q[1:]) / 2
+        expected = torch.from_numpy(mid / np.abs(mid).max()).float()
+    else:
+        half = 2 ** (bits - 1)
+        positive = norm.ppf(torch.linspace(offset, 0.5, half + 1)[:-1].numpy())
+        negative = -norm.ppf(torch.linspace(offset, 0.5, half)[:-1].numpy())
+        values = torch.tensor([*positive.tolist(), 0.0, *negative.tolist()], dtype=torch.float32).sort().values
+        expected = values / values.max()
+    assert torch.equal(nf4.normal_float_code(bits, symmetric=symmetric), expected)
+
+
+def test_quantizing_does_not_import_scipy():
+    import subprocess
+    import sys
+
+    code = ("import sys, torch, qlora_lab.nf4 as n; n.quantize_4bit(torch.randn(128)); "
+            "print('scipy' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "False"
+
+
 def test_fp4_code_is_bitsandbytes_table_bit_for_bit():
     assert torch.equal(nf4.fp4_code(), bnbf.get_4bit_type("fp4", device="cpu"))
 
