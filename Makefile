@@ -41,6 +41,26 @@ notebooks: $(STAMP)
 	$(BIN)/python -m pytest $(NB) --nbval --nbval-current-env \
 		--nbval-sanitize-with nbval_sanitize.cfg --nbval-cell-timeout 600 $(PYTEST_ARGS)
 
+# Speed and memory against the libraries; writes bench/RESULTS.md
+# (about 15 min on 2 cores; the 7B step needs ~6.5 GB of free memory).
+BENCH_ARGS ?=
+bench: $(STAMP)
+	$(BIN)/python bench/run_all.py $(BENCH_ARGS)
+
+# QLoRA against 16-bit LoRA on SmolLM2, longer than CI allows (about 40 min on
+# 2 cores); writes notebooks/results/experiments.json, which chapter 07 plots.
+EXPERIMENT_STEPS ?= 300
+experiments: $(STAMP)
+	$(BIN)/python -m qlora_lab experiments --steps $(EXPERIMENT_STEPS)
+
+# For teachers with a CUDA GPU: the 7B recipe for a few steps, peak GPU memory
+# against the estimate; fails loudly if a step does not run.
+GPU_MODEL ?= huggyllama/llama-7b
+gpu-smoke: $(STAMP)
+	rm -rf runs/gpu-smoke
+	$(BIN)/python -m qlora_lab finetune --preset llama-7b-gpu --model $(GPU_MODEL) --out runs/gpu-smoke \
+		--max-steps 5 --set eval_every=5 --set eval_examples=16 --report-memory --progress log
+
 env-check: $(STAMP)
 	$(BIN)/python -m qlora_lab.env_check
 

@@ -294,12 +294,22 @@ def load_model(name_or_path: str, *, dtype: torch.dtype | None = None, quantizat
                device_map=None, with_tokenizer: bool = True):
     """Load a causal LM (and its tokenizer) from a local directory or a hub id.
 
-    ``"smollm2"`` is a shortcut for :func:`load_smollm2`. A hub id needs
+    ``"smollm2"`` is a shortcut for :func:`load_smollm2`, ``"tiny-llama"`` for
+    :func:`tiny_llama` with SmolLM2's tokenizer (quick experiments and tests). A hub id needs
     network access the first time; when there is none, the error says in one
     sentence how to get the files onto this machine.
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    if name_or_path.lower() == "tiny-llama":
+        # A seeded random Llama with SmolLM2's tokenizer: a whole run in seconds.
+        from transformers import AutoTokenizer
+
+        with _quiet_loading():
+            tokenizer = AutoTokenizer.from_pretrained(smollm2_cache_path())
+        model = tiny_llama(vocab_size=len(tokenizer), dtype=dtype or torch.float32)
+        model.config.pad_token_id = tokenizer.pad_token_id
+        return (model, tokenizer) if with_tokenizer else model
     if name_or_path.lower() in {"smollm2", "smollm2-135m-instruct"}:
         model, tokenizer = load_smollm2(dtype=dtype or torch.float32)
         if quantization_config is not None:

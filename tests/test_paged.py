@@ -11,11 +11,15 @@ import pytest
 import torch
 
 from qlora_lab.paged import (
+    ActivationMeter,
     DeviceOutOfMemoryError,
     DevicePool,
     PagedAdamW,
     format_size,
+    hold_model,
     optimizer_state_bytes,
+    parameter_bytes,
+    training_steps,
 )
 
 
@@ -450,3 +454,190 @@ def test_optimizer_state_bytes_bitsandbytes_8bit():
 def test_optimizer_state_bytes_rejects_non_optimizers():
     with pytest.raises(TypeError, match="torch.optim.Optimizer"):
         optimizer_state_bytes({"state": {}})
+
+
+# --------------------------------------------------------------------------- activations and training steps
+
+
+def test_activation_meter_counts_each_saved_storage_once():
+    x = torch.randn(5, 7, requires_grad=True)  # 140 bytes
+    with ActivationMeter() as meter:
+        y = x.exp()  # saves its result y
+        z = y.sin()  # saves its input: y again, counted once
+        (z * x).sum()  # saves z and x
+    assert (meter.nbytes, meter.tensors) == (3 * 140, 3)
+    linear = torch.nn.Linear(7, 3)
+    with ActivationMeter(linear) as meter:  # the layer's own weight is not an activation
+        linear(x)
+    assert (meter.nbytes, meter.tensors) == (140, 1)
+    with ActivationMeter(linear):
+        with torch.no_grad():
+            linear(x)
+    assert ActivationMeter().nbytes == 0
+
+
+def test_activation_meter_counts_the_whole_storage_of_a_view():
+    x = torch.randn(10, 10, requires_grad=True)
+    with ActivationMeter() as meter:
+        y = x * 2
+        y[:, :3].exp()  # exp saves its result: a new 10x3 tensor
+        y[:5].sin()     # sin saves its input, a view of y: y's whole storage is alive
+    assert meter.nbytes == 10 * 3 * 4 + 10 * 10 * 4
+
+
+def test_activation_meter_charges_a_pool_and_gives_back_on_failure():
+    x = torch.randn(5, 7, requires_grad=True)
+    pool = DevicePool(300, record_events=True)
+    meter = ActivationMeter(pool=pool)
+    with meter:
+        x.exp()
+    assert pool.usage() == {"activations": 140} and pool.events[-1].label == "saved (5, 7) torch.float32"
+    with pytest.raises(RuntimeError, match="call release"):
+        with meter:
+            pass
+    meter.release()
+    assert pool.used == 0 and meter.nbytes == 140  # the count stays readable
+    with pytest.raises(DeviceOutOfMemoryError, match="Tried to allocate 140 bytes for 'activations'"):
+        with meter:
+            x.exp().sin() * x  # 140 + 140 fit, x does not
+    assert pool.used == 0  # what the failed forward pass held was given back
+    with pytest.raises(TypeError, match="DevicePool"):
+        ActivationMeter(pool=300)
+    with pytest.raises(TypeError, match="torch module or tensors"):
+        ActivationMeter([x, 3])
+
+
+def test_activation_meter_makes_the_pager_evict():
+    params = _three_params(16)  # 64-byte pages, 6 pages of state
+    pool = DevicePool(8 * 64)
+    opt = PagedAdamW(params, page_bytes=64, pool=pool)
+    _give_grads(params)
+    opt.step()
+    x = torch.randn(48, requires_grad=True)  # 192 bytes: 2 pages free, one more is needed
+    with ActivationMeter(pool=pool) as meter:
+        x.exp()
+    assert opt.counters.evictions == 1 and pool.usage() == {"optimizer": 5 * 64, "activations": 192}
+    meter.release()
+
+
+def test_parameter_bytes_and_hold_model(tiny):
+    from qlora_lab.lora import add_lora
+    from qlora_lab.qlora import memory_footprint, quantize_model
+
+    quantize_model(tiny)
+    add_lora(tiny, r=4, alpha=8)
+    sizes = parameter_bytes(tiny)
+    trainable = sum(p.numel() * 4 for p in tiny.parameters() if p.requires_grad)
+    assert sizes["adapters"] == trainable > 0
+    assert sizes["weights"] + sizes["adapters"] == memory_footprint(tiny)
+    pool = DevicePool(sum(sizes.values()))
+    blocks = hold_model(pool, tiny)
+    assert pool.usage() == sizes and len(blocks) == 2
+    with pytest.raises(DeviceOutOfMemoryError):
+        hold_model(pool, tiny)
+    assert pool.usage() == sizes  # a failed hold_model keeps nothing
+    tied = torch.nn.Linear(4, 4)
+    tied_model = torch.nn.Sequential(tied, tied)
+    assert parameter_bytes(tied_model) == {"weights": 0, "adapters": 80}
+
+
+def _tiny_qlora(tiny):
+    from qlora_lab.lora import add_lora
+    from qlora_lab.qlora import quantize_model
+
+    quantize_model(tiny)
+    torch.manual_seed(0)
+    add_lora(tiny, r=8, alpha=16)
+    return tiny.train()
+
+
+def _batches(lengths):
+    gen = torch.Generator().manual_seed(1)
+    out = []
+    for n in lengths:
+        ids = torch.randint(3, 512, (1, n), generator=gen)
+        out.append({"input_ids": ids, "labels": ids})
+    return out
+
+
+def _trainable(model):
+    return [p for p in model.parameters() if p.requires_grad]
+
+
+def test_training_steps_without_a_pool_is_a_plain_training_loop(tiny):
+    model = _tiny_qlora(tiny)
+    plain = copy.deepcopy(model)
+    batches = _batches([12, 30, 7])
+    opt = torch.optim.AdamW(_trainable(model), lr=1e-2)
+    traces = list(training_steps(model, batches, opt))
+    plain_opt = torch.optim.AdamW(_trainable(plain), lr=1e-2)
+    losses = []
+    for batch in batches:
+        loss = plain(**batch).loss
+        loss.backward()
+        plain_opt.step()
+        plain_opt.zero_grad()
+        losses.append(loss.item())
+    assert [t.loss for t in traces] == losses
+    _assert_same_params(plain, model)
+    assert [t.tokens for t in traces] == [12, 30, 7]
+    assert all(t.at_backward == t.at_update == {} and t.counters == {} for t in traces)
+    # activations grow linearly with the length, to the byte
+    per_token = (traces[1].activation_bytes - traces[0].activation_bytes) // 18
+    assert all(t.activation_bytes - per_token * t.tokens == traces[0].activation_bytes - per_token * 12
+               for t in traces)
+    with pytest.raises(ValueError, match="no trainable parameters"):
+        next(training_steps(torch.nn.Linear(2, 2).requires_grad_(False), batches, opt))
+
+
+def test_training_steps_spike_fails_without_paging_and_passes_with_it(tiny):
+    model = _tiny_qlora(tiny)
+    batches = _batches([16, 16, 26, 16, 16])
+    reference_model = copy.deepcopy(model)
+    reference = list(training_steps(reference_model, batches,
+                                    torch.optim.AdamW(_trainable(reference_model), lr=1e-2)))
+    sizes = parameter_bytes(model)
+    page = 512
+    state = 2 * sizes["adapters"]  # every adapter matrix here (r=8) fills whole 512-byte pages
+    steady = sizes["weights"] + sizes["adapters"] + state
+    ordinary = max(t.activation_bytes for t in reference if t.step != 2)
+    spike = reference[2].activation_bytes
+    budget = steady + ordinary + 4 * page
+    assert steady + spike > budget >= sizes["weights"] + sizes["adapters"] + spike
+
+    def simulated(paging):
+        run_model = copy.deepcopy(model)
+        pool = DevicePool(budget)
+        hold_model(pool, run_model)
+        opt = PagedAdamW(_trainable(run_model), lr=1e-2, page_bytes=page, pool=pool, paging=paging)
+        return run_model, opt, pool
+
+    run_model, opt, pool = simulated(paging=False)
+    done = []
+    with pytest.raises(DeviceOutOfMemoryError, match="no pager is registered") as info:
+        for trace in training_steps(run_model, batches, opt, pool):
+            done.append(trace)
+    assert [t.loss for t in done] == [t.loss for t in reference[:2]]
+    assert info.value.usage["optimizer"] == state and info.value.usage["activations"] < spike
+    assert pool.usage() == sizes | {"optimizer": state}  # the failed step gave its memory back
+
+    run_model, opt, pool = simulated(paging=True)
+    traces = list(training_steps(run_model, batches, opt, pool))
+    assert [t.loss for t in traces] == [t.loss for t in reference]
+    _assert_same_params(reference_model, run_model)
+    shortfall = steady + spike - budget
+    evicted = traces[2].counters["evictions"]
+    assert evicted == -(-shortfall // page) and traces[2].counters["prefetches"] == evicted
+    assert all(t.counters["bytes_moved"] == 0 for t in traces if t.step != 2)
+    assert traces[0].counters["pages_created"] == state // page
+    assert traces[0].at_backward == sizes | {"activations": reference[0].activation_bytes}
+    for t in traces[1:]:
+        optimizer_then = state - (evicted * page if t.step == 2 else 0)
+        assert t.at_backward == sizes | {"optimizer": optimizer_then, "activations": t.activation_bytes}
+        assert t.at_update == sizes | {"optimizer": state, "gradients": sizes["adapters"]}
+        high_points = max(sum(t.at_backward.values()), sum(t.at_update.values()))
+        if t.step != 2:
+            assert t.peak == high_points
+        else:  # just before each eviction the pool is fuller than after it (whole pages go)
+            assert high_points < t.peak <= budget
+    assert pool.usage() == sizes | {"optimizer": state}

@@ -1,0 +1,172 @@
+"""``python -m qlora_lab finetune``: the course's finale as a command.
+
+    python -m qlora_lab finetune --preset smollm2-cpu --out runs/smollm2
+    python -m qlora_lab finetune --preset llama-7b-gpu --model huggyllama/llama-7b --out runs/guanaco-7b
+    python -m qlora_lab finetune --preset llama-7b-gpu --dry-run      # anywhere: configuration + memory estimate
+    python -m qlora_lab finetune --preset smollm2-cpu --out runs/smollm2 --resume
+
+Settings of a preset can be changed with ``--max-steps``, ``--model``,
+``--data`` or ``--set name=value`` (any field of ``qlora_lab.train.TrainConfig``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+
+import qlora_lab  # noqa: F401  (quiets bitsandbytes before it is imported)
+
+
+def _parse_value(text: str, current):
+    """A --set value in the type of the field it replaces."""
+    if isinstance(current, bool):
+        if text.lower() in ("1", "true", "yes", "on"):
+            return True
+        if text.lower() in ("0", "false", "no", "off"):
+            return False
+        raise ValueError(f"expected true or false, got {text!r}")
+    if isinstance(current, int):
+        return int(text)
+    if isinstance(current, float):
+        return float(text)
+    if current is None and text.lower() == "none":
+        return None
+    return text
+
+
+def resolve_config(args) -> "TrainConfig":  # noqa: F821
+    from qlora_lab.train import PRESETS, TrainConfig, preset
+
+    defaults = PRESETS[args.preset]
+    overrides = {}
+    fields = {f.name for f in dataclasses.fields(TrainConfig)}
+    for item in args.set or []:
+        if "=" not in item:
+            raise ValueError(f"--set takes name=value, got {item!r}")
+        name, value = item.split("=", 1)
+        if name not in fields:
+            raise ValueError(f"--set {name}: unknown setting; valid settings: {', '.join(sorted(fields))}")
+        try:
+            overrides[name] = _parse_value(value, getattr(defaults, name))
+        except ValueError as err:
+            raise ValueError(f"--set {name}={value}: {err}") from None
+    for flag, name in [("model", "model"), ("data", "data"), ("max_steps", "max_steps"),
+                       ("score", "score_examples")]:
+        if getattr(args, flag) is not None:
+            overrides[name] = getattr(args, flag)
+    return preset(args.preset, **overrides)
+
+
+def memory_estimate_text(config) -> str:
+    """The memory estimate of chapter 03 for this run."""
+    from qlora_lab import memory
+
+    source = config.model
+    try:
+        breakdown = memory.estimate(source, "qlora" if config.method == "qlora" else "lora16",
+                                    lora_r=config.lora_r, seq_len=config.max_length, batch=config.batch_size,
+                                    gradient_checkpointing=config.gradient_checkpointing)
+    except Exception as err:  # the model's config may be unreachable offline: fall back to the shipped one
+        if not config.memory_config:
+            return f"(no memory estimate: {err})"
+        source = config.memory_config
+        breakdown = memory.estimate(source, "qlora" if config.method == "qlora" else "lora16",
+                                    lora_r=config.lora_r, seq_len=config.max_length, batch=config.batch_size,
+                                    gradient_checkpointing=config.gradient_checkpointing)
+    full = memory.estimate(source, "full16", seq_len=config.max_length, batch=config.batch_size,
+                           gradient_checkpointing=config.gradient_checkpointing)
+    return (f"memory estimate for {source} ({config.method}, r={config.lora_r}, batch {config.batch_size} x "
+            f"{config.max_length} tokens, checkpointing {'on' if config.gradient_checkpointing else 'off'}):\n"
+            f"{breakdown}\n"
+            f"full 16-bit finetuning of the same model would need about {full.total / 1e9:.1f} GB")
+
+
+def finetune(args) -> int:
+    from qlora_lab.train import resolve_device, train
+
+    config = resolve_config(args)
+    if args.dry_run:
+        print("resolved configuration:")
+        print(json.dumps(dataclasses.asdict(config), indent=2))
+        print(memory_estimate_text(config))
+        return 0
+    if args.out is None:
+        raise ValueError("--out DIR is required (where checkpoints, the adapter and metrics.json go)")
+    device = resolve_device(config)  # refuses the GPU preset on a machine without a GPU
+    if device.type == "cuda":
+        import torch
+
+        torch.cuda.reset_peak_memory_stats()
+    result = train(config, args.out, resume=args.resume, progress=args.progress)
+    first, last = result.evaluations[0], result.evaluations[-1]
+    print(f"trained {len(result.history)} steps" + (f" (resumed at step {result.resumed_from})" if result.resumed_from else ""))
+    for key in ("eval_loss", "exact_match"):
+        if key in last:
+            before = f"{first[key]:.4f} at step {first['step']} -> " if key in first and first is not last else ""
+            print(f"{key}: {before}{last[key]:.4f} at step {last['step']}")
+    print(f"adapter (peft format): {result.adapter_dir}")
+    if args.report_memory and device.type == "cuda":
+        import torch
+
+        peak = torch.cuda.max_memory_allocated()
+        print(f"peak GPU memory allocated: {peak / 1e9:.2f} GB")
+        print(memory_estimate_text(config))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from qlora_lab.train import PRESETS
+
+    parser = argparse.ArgumentParser(prog="python -m qlora_lab", description="qlora-lab commands")
+    commands = parser.add_subparsers(dest="command", required=True)
+    ft = commands.add_parser("finetune", help="QLoRA finetuning with the Guanaco recipe",
+                             description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ft.add_argument("--preset", required=True, choices=sorted(PRESETS))
+    ft.add_argument("--model", help="model directory or hub id (smollm2 and tiny-llama are built in)")
+    ft.add_argument("--data", help="directory with train.jsonl and validation.jsonl (default: the course's data set)")
+    ft.add_argument("--out", help="output directory for checkpoints, the adapter and metrics.json")
+    ft.add_argument("--max-steps", type=int, dest="max_steps")
+    ft.add_argument("--score", type=int, help="exact-match score this many validation items at each evaluation")
+    ft.add_argument("--set", action="append", metavar="NAME=VALUE", help="change any setting (repeatable)")
+    ft.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --out")
+    ft.add_argument("--dry-run", action="store_true", dest="dry_run",
+                    help="print the resolved configuration and the memory estimate, then stop")
+    ft.add_argument("--progress", choices=["bar", "log", "none"], default="bar")
+    ft.add_argument("--report-memory", action="store_true", dest="report_memory",
+                    help="on a GPU: print the peak memory against the estimate at the end")
+    ex = commands.add_parser("experiments", help="QLoRA vs 16-bit LoRA on SmolLM2, longer than CI allows")
+    ex.add_argument("--steps", type=int, default=300)
+    ex.add_argument("--out", default="runs/experiments", help="where the runs' checkpoints go")
+    ex.add_argument("--results", default=None, help="the JSON file to write (default notebooks/results/experiments.json)")
+    ex.add_argument("--per-task", type=int, default=None, dest="per_task",
+                    help="score only this many test items per task (default: all)")
+    return parser
+
+
+def experiments(args) -> int:
+    from qlora_lab.experiments import DEFAULT_RESULTS, run
+
+    summary = run(steps=args.steps, out_dir=args.out, results=args.results or DEFAULT_RESULTS, per_task=args.per_task)
+    print(f"before: exact match {summary['before']['exact_match']:.1%}")
+    for method, r in summary["runs"].items():
+        print(f"{method}: exact match {r['test']['exact_match']:.1%} after {args.steps} steps ({r['seconds'] / 60:.1f} min)")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        if args.command == "finetune":
+            return finetune(args)
+        if args.command == "experiments":
+            return experiments(args)
+    except (ValueError, FileNotFoundError, FileExistsError, RuntimeError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
