@@ -1,0 +1,185 @@
+"""Checkers for chapter 06 (paged optimizers).
+
+Exercise 1: which optimizer pages the pager evicts when an allocation does not
+            fit (least recently used first, pinned pages skipped, just enough,
+            or nothing at all), checked against :class:`qlora_lab.paged.Pager`.
+Exercise 2: the bytes of bitsandbytes' 8-bit AdamW state for one parameter,
+            checked against ``bitsandbytes.optim.AdamW8bit`` itself.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from qlora_lab.paged import DeviceOutOfMemoryError, DevicePool, Pager, optimizer_state_bytes
+
+
+def _not_attempted(number: int) -> bool:
+    print(f"Exercise {number}: not attempted yet. Fill in the cell above, run it, then run this one again.")
+    return False
+
+
+def _call(number: int, fn, *args):
+    """Run the learner's function; ``(True, result)``, or ``(False, None)`` after
+    printing why (a skeleton or an exception never stops the notebook)."""
+    try:
+        return True, fn(*args)
+    except NotImplementedError:
+        _not_attempted(number)
+        return False, None
+    except Exception as err:  # noqa: BLE001 - report any mistake to the learner instead of failing
+        print(f"Exercise {number}: your function raised {type(err).__name__}: {err}")
+        return False, None
+
+
+# ---------------------------------------------------------------- exercise 1
+
+_PAGE = 256  # bytes: 64 float32 values
+
+# (pages of each state tensor, tensors pinned (an update in progress), tensors used
+#  afterwards in this order, free pages on the device, bytes requested)
+_EXERCISE_1_SCENARIOS = [
+    ((2, 1, 3), (), (), 0, 3 * _PAGE),             # plain LRU: the first three pages
+    ((2, 1, 3), (), (0,), 0, 3 * _PAGE),           # t0 was used again: it is now the newest
+    ((2, 2, 2), (1,), (2,), 1, 4 * _PAGE),         # t1 pinned: skipped, t2's first page goes
+    ((2, 2, 2), (0,), (1, 2), 0, 3 * _PAGE),       # the oldest pages are pinned
+    ((1, 3, 2), (), (2, 0), 2, 2 * _PAGE + 100),   # 100 bytes short: a whole page goes
+    ((1, 3, 2), (), (), 1, 3 * _PAGE - 1),         # 511 bytes short: two pages
+    ((2, 2), (0,), (), 1, 4 * _PAGE),              # only t1's 2 pages may go: not enough, nothing goes
+    ((3, 1, 2), (), (1,), 2, 2 * _PAGE),           # it fits: nothing to evict
+    ((1, 1, 1, 1), (2,), (3, 1), 0, 2 * _PAGE),
+]
+
+
+def _exercise_1_cases():
+    """Yield ``(lru_order, pinned, page_bytes, shortfall, expected)`` for each
+    scenario; ``expected`` is what the real pager evicted."""
+    for sizes, pinned_ids, touched, free_pages, request in _EXERCISE_1_SCENARIOS:
+        pool = DevicePool((sum(sizes) + free_pages) * _PAGE, record_events=True)
+        pager = Pager(pool, _PAGE)
+        tensors = [pager.create(torch.Size([n * _PAGE // 4]), torch.float32, f"t{i}", pin=False)
+                   for i, n in enumerate(sizes)]
+        pager.acquire([tensors[i] for i in pinned_ids])  # held until the update ends
+        for i in touched:
+            pager.acquire([tensors[i]])
+            pager.release([tensors[i]])
+        lru = pager.lru_order()
+        pinned = {page.label for i in pinned_ids for page in tensors[i].pages}
+        shortfall = request - pool.available
+        pool.events.clear()
+        try:
+            pool.allocate(request, owner="activations")
+        except DeviceOutOfMemoryError:
+            pass
+        expected = [e.label.removeprefix("evict ") for e in pool.events if e.label.startswith("evict ")]
+        yield lru, pinned, _PAGE, shortfall, expected
+
+
+def _exercise_1_hint(got, expected, lru, pinned, page_bytes, shortfall) -> str:
+    unpinned = [label for label in lru if label not in pinned]
+    if got and any(label in pinned for label in got):
+        return "pinned pages belong to a tensor the optimizer is updating right now: skip them."
+    if shortfall <= 0 and got:
+        return "a shortfall of 0 or less means the request fits: evict nothing."
+    if not expected and got:
+        return ("when all the unpinned pages together cannot free the shortfall, the pool evicts nothing "
+                "(moving them would not save the allocation) and raises its out-of-memory error.")
+    if got == unpinned and got != expected:
+        return "stop as soon as the evicted pages free at least the shortfall."
+    if sorted(got) == sorted(expected):
+        return "the order matters: least recently used first (lru_order starts with the oldest page)."
+    if got and set(got) <= set(unpinned) and got[0] != unpinned[0]:
+        return "least recently used first: lru_order starts with the oldest page, not the newest."
+    if len(got) == len(expected) - 1:
+        return "a page frees page_bytes bytes; a partly needed page must go too (round up)."
+    if len(got) == len(expected) + 1:
+        return "one page too many: stop when the freed bytes reach the shortfall (>=, not >)."
+    return "walk lru_order from the start, skip pinned pages, stop when enough bytes are freed."
+
+
+def check_exercise_1(pages_to_evict) -> bool:
+    """``pages_to_evict(lru_order, pinned, page_bytes, shortfall)`` must return
+    the labels of the pages the pager moves to host memory, in order, when an
+    allocation is ``shortfall`` bytes short: unpinned pages, least recently
+    used first, just enough to free ``shortfall`` bytes; an empty list when
+    the request fits (``shortfall <= 0``) or when all unpinned pages together
+    would not free enough (the pool then evicts nothing)."""
+    for lru, pinned, page_bytes, shortfall, expected in _exercise_1_cases():
+        ok, got = _call(1, pages_to_evict, list(lru), set(pinned), page_bytes, shortfall)
+        if not ok:
+            return False
+        if not isinstance(got, (list, tuple)):
+            print(f"Exercise 1: return a list of page labels, got {type(got).__name__}")
+            return False
+        got = list(got)
+        if got != expected:
+            print(f"Exercise 1: lru_order={lru}, pinned={sorted(pinned)}, page_bytes={page_bytes}, "
+                  f"shortfall={shortfall}")
+            print(f"  the pager evicts {expected}, your function returned {got}")
+            print(f"  Hint: {_exercise_1_hint(got, expected, lru, pinned, page_bytes, shortfall)}")
+            return False
+    print("Exercise 1: correct")
+    return True
+
+
+# ---------------------------------------------------------------- exercise 2
+
+_EXERCISE_2_SIZES = [1, 255, 4095, 4096, 4097, 5000, 12288, 36864, 98304, 100_003]
+
+
+def _adamw8bit_state_bytes(numel: int) -> int:
+    """What ``bitsandbytes.optim.AdamW8bit`` keeps for one parameter of
+    ``numel`` values, measured: its tensors except the shared quantization maps."""
+    import qlora_lab  # noqa: F401  (before bitsandbytes)
+    import bitsandbytes as bnb
+
+    p = torch.nn.Parameter(torch.zeros(numel))
+    optimizer = bnb.optim.AdamW8bit([p])
+    p.grad = torch.zeros_like(p)
+    optimizer.step()
+    by_key = optimizer_state_bytes(optimizer, by_key=True)
+    return sum(n for key, n in by_key.items() if not key.startswith("qmap"))
+
+
+def _exercise_2_hint(got: int, numel: int) -> str:
+    blocks = -(-numel // 256)
+    if numel < 4096:
+        if got == 2 * numel + 8 * blocks or got == 2 * numel:
+            return ("bitsandbytes keeps tensors with fewer than min_8bit_size = 4096 values in 32 bits "
+                    "(two float32 states, no absmax).")
+        return "below 4096 values: two float32 states, 4 bytes each per value."
+    if got == 8 * numel:
+        return "from 4096 values on, each state is 8-bit: one uint8 per value."
+    if got == 2 * numel:
+        return "each block of 256 values also has a float32 absmax, for each of the two states."
+    if got == 2 * numel + 8 * (numel // 256):
+        return "a partial last block gets its own absmax: round the number of blocks up."
+    if got == 2 * numel + 4 * blocks:
+        return "both states (exp_avg and exp_avg_sq) have their own absmax per block."
+    if got in (2 * numel + 8 * blocks + 2048, 2 * numel + 8 * blocks + 1024):
+        return "leave out the two 256-entry quantization maps: they are shared by all parameters."
+    return "two uint8 states of numel bytes, plus one float32 absmax per block of 256 values for each."
+
+
+def check_exercise_2(adamw8bit_state_bytes) -> bool:
+    """``adamw8bit_state_bytes(numel)`` must return the bytes of
+    ``bitsandbytes.optim.AdamW8bit``'s state for one parameter of ``numel``
+    values: ``state1``, ``state2``, ``absmax1`` and ``absmax2`` (not the two
+    quantization maps, which all parameters share, nor the integer step)."""
+    for numel in _EXERCISE_2_SIZES:
+        ok, got = _call(2, adamw8bit_state_bytes, numel)
+        if not ok:
+            return False
+        if isinstance(got, torch.Tensor) and got.numel() == 1:
+            got = got.item()
+        if isinstance(got, bool) or not isinstance(got, int):
+            print(f"Exercise 2: return an int number of bytes, got {type(got).__name__} {got!r}")
+            return False
+        expected = _adamw8bit_state_bytes(numel)
+        if got != expected:
+            print(f"Exercise 2: a parameter of {numel:,} values: bitsandbytes keeps {expected:,} bytes, "
+                  f"your function says {got:,}")
+            print(f"  Hint: {_exercise_2_hint(got, numel)}")
+            return False
+    print("Exercise 2: correct")
+    return True
