@@ -10,6 +10,7 @@ module                    idea                                            chapte
 ``qlora_lab.env_check``   is the environment what the course pins?        00
 ``qlora_lab.int8``        absmax / zero-point int8, LLM.int8 vector-wise  01
 ``qlora_lab.nf4``         NormalFloat, FP4, Int4; block-wise 4-bit         02
+``qlora_lab.evaluate``    perplexity on the course's fixed text           02
 ``qlora_lab.double_quant``  quantizing the quantization constants         03
 ``qlora_lab.memory``      what finetuning costs, 7B to 65B                03
 ``qlora_lab.lora``        low-rank adapters                               04
@@ -17,6 +18,7 @@ module                    idea                                            chapte
 ``qlora_lab.paged``       a paged AdamW surviving memory spikes           06
 ``qlora_lab.data``        instruction data, chat template, labels         07
 ``qlora_lab.train``       the Guanaco recipe as a training loop           07
+``qlora_lab.experiments`` QLoRA vs 16-bit LoRA, longer than CI allows     07
 ========================  ==============================================  =========
 
 Submodules are imported on use (``from qlora_lab import nf4``), so importing

@@ -9,11 +9,7 @@ from __future__ import annotations
 from collections import Counter
 
 import torch
-
-
-def _not_attempted(number: int) -> bool:
-    print(f"Exercise {number}: not attempted yet. Fill in the cell above, run it, then run this one again.")
-    return False
+from qlora_lab.exercises import not_attempted
 
 
 def check_exercise_1(format_chatml, tokenizer) -> bool:
@@ -34,7 +30,7 @@ def check_exercise_1(format_chatml, tokenizer) -> bool:
         try:
             got = format_chatml(conversation)
         except NotImplementedError:
-            return _not_attempted(1)
+            return not_attempted(1)
         if got != expected:
             print(f"Exercise 1: for {conversation!r}\n  expected {expected!r}\n  got      {got!r}")
             if "system" not in {m["role"] for m in conversation} and "system" not in str(got):
@@ -73,7 +69,7 @@ def check_exercise_2(count_by_kind, model) -> bool:
     try:
         got = count_by_kind(model)
     except NotImplementedError:
-        return _not_attempted(2)
+        return not_attempted(2)
     if not isinstance(got, dict):
         print(f"Exercise 2: return a dict, got {type(got).__name__}")
         return False

@@ -13,24 +13,7 @@ import math
 import torch
 
 from qlora_lab import int8
-
-
-def _not_attempted(number: int) -> bool:
-    print(f"Exercise {number}: not attempted yet. Fill in the cell above, run it, then run this one again.")
-    return False
-
-
-def _call(number: int, fn, *args):
-    """Run the learner's function; ``(True, result)``, or ``(False, None)`` after
-    printing why (a skeleton or an exception never stops the notebook)."""
-    try:
-        return True, fn(*args)
-    except NotImplementedError:
-        _not_attempted(number)
-        return False, None
-    except Exception as err:  # noqa: BLE001 - report any mistake to the learner instead of failing
-        print(f"Exercise {number}: your function raised {type(err).__name__}: {err}")
-        return False, None
+from qlora_lab.exercises import call_learner, not_attempted
 
 
 # ---------------------------------------------------------------- exercise 1
@@ -43,7 +26,7 @@ def check_exercise_1(decode_bfloat16) -> bool:
     patterns = torch.arange(2**16, dtype=torch.int32)
     truth = patterns.to(torch.int16).view(torch.bfloat16).double().tolist()
     for pattern in [0x3F80, 0xC000, 0x0001, 0x7F80] + list(range(2**16)):
-        ok, got = _call(1, decode_bfloat16, pattern)
+        ok, got = call_learner(1, decode_bfloat16, pattern)
         if not ok:
             return False
         expected = truth[pattern]
@@ -92,7 +75,7 @@ def check_exercise_2(int8_linear) -> bool:
     to within 1e-5 of the output's largest magnitude (float rounding order may differ)."""
     x, w = _exercise_2_data()
     expected = int8.int8_matmul(x, w)
-    ok, got = _call(2, int8_linear, x.clone(), w.clone())
+    ok, got = call_learner(2, int8_linear, x.clone(), w.clone())
     if not ok:
         return False
     if not isinstance(got, torch.Tensor) or got.shape != expected.shape:
@@ -153,7 +136,7 @@ def check_exercise_3(int8_matmul_inliers) -> bool:
     x, w = _exercise_3_data()
     threshold = 6.0
     expected = int8_matmul_inlier_stats(x, w, threshold)
-    ok, got = _call(3, int8_matmul_inliers, x.clone(), w.clone(), threshold)
+    ok, got = call_learner(3, int8_matmul_inliers, x.clone(), w.clone(), threshold)
     if not ok:
         return False
     if not isinstance(got, torch.Tensor) or got.shape != expected.shape:

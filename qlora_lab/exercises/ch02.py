@@ -10,11 +10,7 @@ from __future__ import annotations
 import torch
 
 from qlora_lab import nf4
-
-
-def _not_attempted(number: int) -> bool:
-    print(f"Exercise {number}: not attempted yet. Fill in the cell above, run it, then run this one again.")
-    return False
+from qlora_lab.exercises import not_attempted
 
 
 def _call(number: int, fn, *args):
@@ -22,7 +18,7 @@ def _call(number: int, fn, *args):
     try:
         return fn(*args), None
     except NotImplementedError:
-        return None, _not_attempted(number)
+        return None, not_attempted(number)
     except Exception as err:  # a learner's bug: report it instead of failing the notebook
         print(f"Exercise {number}: calling your function raised {type(err).__name__}: {err}")
         return None, False

@@ -11,25 +11,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from qlora_lab.exercises import call_learner, not_attempted
 from qlora_lab.lora import LoRALinear, lora_parameter_count
-
-
-def _not_attempted(number: int) -> bool:
-    print(f"Exercise {number}: not attempted yet. Fill in the cell above, run it, then run this one again.")
-    return False
-
-
-def _call(number: int, fn, *args):
-    """Run the learner's function; ``(True, result)``, or ``(False, None)`` after
-    printing why (a skeleton or an exception never stops the notebook)."""
-    try:
-        return True, fn(*args)
-    except NotImplementedError:
-        _not_attempted(number)
-        return False, None
-    except Exception as err:  # noqa: BLE001 - report any mistake to the learner instead of failing
-        print(f"Exercise {number}: your function raised {type(err).__name__}: {err}")
-        return False, None
 
 
 # ---------------------------------------------------------------- exercise 1
@@ -62,7 +45,7 @@ def check_exercise_1(merged_weight) -> bool:
     for W, A, B, alpha in _exercise_1_cases():
         expected = _reference_merge(W, A, B, alpha)
         W_before = W.clone()
-        ok, got = _call(1, merged_weight, W, A, B, alpha)
+        ok, got = call_learner(1, merged_weight, W, A, B, alpha)
         if not ok:
             return False
         if not isinstance(got, torch.Tensor) or got.shape != W.shape:
@@ -107,7 +90,7 @@ def check_exercise_2(llama_lora_params) -> bool:
         config = {"hidden_size": hidden, "intermediate_size": intermediate, "num_hidden_layers": layers,
                   "num_attention_heads": 1}
         expected = lora_parameter_count(config, r=r, target_modules="all-linear")
-        ok, got = _call(2, llama_lora_params, hidden, intermediate, layers, r)
+        ok, got = call_learner(2, llama_lora_params, hidden, intermediate, layers, r)
         if not ok:
             return False
         if got != expected:
@@ -147,7 +130,7 @@ def check_exercise_3(best_low_rank_factors) -> bool:
     ``sqrt(sum of the squared singular values beyond the r-th)``
     (Eckart-Young)."""
     for delta, r in _exercise_3_cases():
-        ok, got = _call(3, best_low_rank_factors, delta.clone(), r)
+        ok, got = call_learner(3, best_low_rank_factors, delta.clone(), r)
         if not ok:
             return False
         if not (isinstance(got, tuple) and len(got) == 2 and all(isinstance(t, torch.Tensor) for t in got)):

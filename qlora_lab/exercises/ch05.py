@@ -8,13 +8,9 @@ from __future__ import annotations
 
 import torch
 
+from qlora_lab.exercises import not_attempted
 from qlora_lab.nf4 import quantize_4bit
 from qlora_lab.qlora import DequantizeLinear, LinearNF4, memory_footprint
-
-
-def _not_attempted(number: int) -> bool:
-    print(f"Exercise {number}: not attempted yet. Fill in the cell above, run it, then run this one again.")
-    return False
 
 
 def check_exercise_1(input_gradient) -> bool:
@@ -31,7 +27,7 @@ def check_exercise_1(input_gradient) -> bool:
         try:
             got = input_gradient(grad_output, packed, state)
         except NotImplementedError:
-            return _not_attempted(1)
+            return not_attempted(1)
         if not isinstance(got, torch.Tensor) or got.shape != x.shape:
             print(f"Exercise 1: expected a tensor of shape {tuple(x.shape)}, got "
                   f"{getattr(got, 'shape', type(got).__name__)}")
@@ -58,7 +54,7 @@ def check_exercise_2(layer_bytes) -> bool:
         try:
             got = layer_bytes(out_features, in_features)
         except NotImplementedError:
-            return _not_attempted(2)
+            return not_attempted(2)
         if got != expected:
             print(f"Exercise 2: a {out_features}x{in_features} layer holds {expected:,} bytes, you said {got!r}.")
             if got == (out_features * in_features + 1) // 2:

@@ -11,25 +11,8 @@ from __future__ import annotations
 
 import torch
 
+from qlora_lab.exercises import call_learner, not_attempted
 from qlora_lab.paged import DeviceOutOfMemoryError, DevicePool, Pager, optimizer_state_bytes
-
-
-def _not_attempted(number: int) -> bool:
-    print(f"Exercise {number}: not attempted yet. Fill in the cell above, run it, then run this one again.")
-    return False
-
-
-def _call(number: int, fn, *args):
-    """Run the learner's function; ``(True, result)``, or ``(False, None)`` after
-    printing why (a skeleton or an exception never stops the notebook)."""
-    try:
-        return True, fn(*args)
-    except NotImplementedError:
-        _not_attempted(number)
-        return False, None
-    except Exception as err:  # noqa: BLE001 - report any mistake to the learner instead of failing
-        print(f"Exercise {number}: your function raised {type(err).__name__}: {err}")
-        return False, None
 
 
 # ---------------------------------------------------------------- exercise 1
@@ -105,7 +88,7 @@ def check_exercise_1(pages_to_evict) -> bool:
     the request fits (``shortfall <= 0``) or when all unpinned pages together
     would not free enough (the pool then evicts nothing)."""
     for lru, pinned, page_bytes, shortfall, expected in _exercise_1_cases():
-        ok, got = _call(1, pages_to_evict, list(lru), set(pinned), page_bytes, shortfall)
+        ok, got = call_learner(1, pages_to_evict, list(lru), set(pinned), page_bytes, shortfall)
         if not ok:
             return False
         if not isinstance(got, (list, tuple)):
@@ -167,7 +150,7 @@ def check_exercise_2(adamw8bit_state_bytes) -> bool:
     values: ``state1``, ``state2``, ``absmax1`` and ``absmax2`` (not the two
     quantization maps, which all parameters share, nor the integer step)."""
     for numel in _EXERCISE_2_SIZES:
-        ok, got = _call(2, adamw8bit_state_bytes, numel)
+        ok, got = call_learner(2, adamw8bit_state_bytes, numel)
         if not ok:
             return False
         if isinstance(got, torch.Tensor) and got.numel() == 1:
