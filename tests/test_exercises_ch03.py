@@ -1,0 +1,106 @@
+"""The chapter 03 checkers accept right answers, reject typical wrong ones, and
+treat a skeleton as "not attempted yet" without raising."""
+
+import pytest
+import torch
+
+from qlora_lab.double_quant import dynamic_map
+from qlora_lab.exercises import ch03
+
+
+def skeleton(*args):
+    raise NotImplementedError("your turn")
+
+
+# ---------------------------------------------------------------- exercise 1
+
+
+def constants_bytes(numel, blocksize, double_quant):
+    blocks = -(-numel // blocksize)
+    if not double_quant:
+        return 4 * blocks
+    return blocks + 4 * -(-blocks // 256) + 4
+
+
+def forgets_the_offset(numel, blocksize, double_quant):
+    blocks = -(-numel // blocksize)
+    return 4 * blocks if not double_quant else blocks + 4 * -(-blocks // 256)
+
+
+def whole_blocks_only(numel, blocksize, double_quant):
+    blocks = numel // blocksize
+    return 4 * blocks if not double_quant else blocks + 4 * -(-blocks // 256) + 4
+
+
+def the_papers_average(numel, blocksize, double_quant):
+    bits = 32 / blocksize if not double_quant else 8 / blocksize + 32 / (blocksize * 256)
+    return numel * bits / 8
+
+
+def test_exercise_1_accepts_exact_counting(capsys):
+    assert ch03.check_exercise_1(constants_bytes) is True
+    assert "Exercise 1: correct" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("wrong, hint", [(forgets_the_offset, "offset"), (whole_blocks_only, "partial"),
+                                         (the_papers_average, "")])
+def test_exercise_1_rejects_wrong_counts(wrong, hint, capsys):
+    assert ch03.check_exercise_1(wrong) is False
+    out = capsys.readouterr().out
+    assert "the constants take" in out and hint in out
+
+
+def test_exercise_1_skeleton_is_not_attempted(capsys):
+    assert ch03.check_exercise_1(skeleton) is False
+    assert "not attempted yet" in capsys.readouterr().out
+
+
+# ---------------------------------------------------------------- exercise 2
+
+
+def double_quantize(absmax, blocksize):
+    code = dynamic_map()
+    offset = absmax.mean()
+    centred = absmax - offset
+    padded = torch.nn.functional.pad(centred, (0, -centred.numel() % blocksize))
+    nested = padded.view(-1, blocksize).abs().amax(dim=1)
+    scale = torch.repeat_interleave(nested, blocksize)[: centred.numel()]
+    scaled = torch.where(scale > 0, centred / scale, torch.zeros_like(centred))
+    codes = (scaled[:, None] - code[None, :]).abs().argmin(dim=1).to(torch.uint8)
+    return codes, nested, offset
+
+
+def no_offset(absmax, blocksize):
+    codes, nested, _ = double_quantize(absmax + 0, blocksize)
+    return codes, nested, torch.tensor(0.0)
+
+
+def absmax_of_the_raw_constants(absmax, blocksize):
+    codes, _, offset = double_quantize(absmax, blocksize)
+    padded = torch.nn.functional.pad(absmax, (0, -absmax.numel() % blocksize))
+    return codes, padded.view(-1, blocksize).abs().amax(dim=1), offset
+
+
+def rounds_down(absmax, blocksize):
+    codes, nested, offset = double_quantize(absmax, blocksize)
+    code = dynamic_map()
+    scale = torch.repeat_interleave(nested, blocksize)[: absmax.numel()].clamp_min(1e-30)
+    scaled = (absmax - offset) / scale
+    below = torch.searchsorted(code, scaled, right=True).clamp(1, 255) - 1
+    return below.to(torch.uint8), nested, offset
+
+
+def test_exercise_2_accepts_double_quantization(capsys):
+    assert ch03.check_exercise_2(double_quantize) is True
+    assert "Exercise 2: correct" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("wrong", [no_offset, absmax_of_the_raw_constants, rounds_down])
+def test_exercise_2_rejects_wrong_versions(wrong, capsys):
+    assert ch03.check_exercise_2(wrong) is False
+    assert "Exercise 2:" in capsys.readouterr().out
+
+
+def test_exercise_2_skeleton_is_not_attempted(capsys):
+    assert ch03.check_exercise_2(skeleton) is False
+    assert "not attempted yet" in capsys.readouterr().out
