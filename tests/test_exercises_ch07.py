@@ -55,14 +55,22 @@ def test_exercise_1_skeleton_is_not_attempted(capsys):
 # ---------------------------------------------------------------- exercise 2
 
 
-def make_labels(input_ids, spans, max_length):
+def _span_labels(input_ids, spans):
     labels = [data_lib.IGNORE_INDEX] * len(input_ids)
     for start, end in spans:
         labels[start:end] = input_ids[start:end]
+    return labels
+
+
+def make_labels(input_ids, spans, max_length):
+    got = never_none(input_ids, spans, max_length)
+    return None if all(label == data_lib.IGNORE_INDEX for label in got[1]) else got
+
+
+def never_none(input_ids, spans, max_length):
+    labels = _span_labels(input_ids, spans)
     if max_length is not None:
         input_ids, labels = input_ids[:max_length], labels[:max_length]
-    if all(label == data_lib.IGNORE_INDEX for label in labels):
-        return None
     return input_ids, labels
 
 
@@ -72,20 +80,9 @@ def labels_everywhere(input_ids, spans, max_length):
 
 
 def keeps_the_end(input_ids, spans, max_length):
-    labels = [data_lib.IGNORE_INDEX] * len(input_ids)
-    for start, end in spans:
-        labels[start:end] = input_ids[start:end]
+    labels = _span_labels(input_ids, spans)
     if max_length is not None:
         input_ids, labels = input_ids[-max_length:], labels[-max_length:]
-    return input_ids, labels
-
-
-def never_none(input_ids, spans, max_length):
-    labels = [data_lib.IGNORE_INDEX] * len(input_ids)
-    for start, end in spans:
-        labels[start:end] = input_ids[start:end]
-    if max_length is not None:
-        input_ids, labels = input_ids[:max_length], labels[:max_length]
     return input_ids, labels
 
 
