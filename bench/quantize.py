@@ -19,21 +19,15 @@ import os
 import statistics
 import sys
 import time
+from pathlib import Path
 
 import torch
 
 import qlora_lab  # noqa: F401  (before bitsandbytes: silences a CPU-dependent warning)
 from qlora_lab import nf4
 
-
-def positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
-    return value
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _shared import positive_int  # noqa: E402
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
