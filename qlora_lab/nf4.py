@@ -84,7 +84,9 @@ bitsandbytes finds the nearest code with ``torch.bucketize``, a binary search
 per value that runs on one core and takes most of the quantization time. We
 get the same answer from two table look-ups (:class:`NearestCodeTable`), and
 dequantize with a 256-entry table that turns one byte into its two values at
-once. ``bench/quantize.py`` measures both against bitsandbytes.
+once. Dequantization is bound by memory: large outputs are allocated in 2 MiB
+pages and decoded by several threads (see the comment above
+``_DECODE_CHUNK``). ``bench/quantize.py`` measures both against bitsandbytes.
 """
 
 from __future__ import annotations
@@ -92,9 +94,11 @@ from __future__ import annotations
 import functools
 import math
 import sys
+import threading
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+import numpy
 import torch
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -624,43 +628,107 @@ def dequantize_4bit(packed: torch.Tensor, state: QuantState) -> torch.Tensor:
                              state.dtype).view(state.shape)
 
 
-# Bytes decoded per step: the int32 index buffer (16 MiB) and, for half
-# outputs, the float32 buffer are reused from step to step instead of being
-# allocated as large as the whole tensor (fresh memory costs the OS time).
-_DECODE_CHUNK = 1 << 22
+# Dequantization is bound by memory, not arithmetic. Three costs, measured on
+# a 4096 x 4096 NF4 matrix on this course's 2-core machine, shape the code:
+# * Fresh memory: the 64 MiB float32 output is a new mapping that the OS
+#   zeroes page by page on first touch: 16 ms in 4 KiB pages, more than the
+#   decoding itself. numpy asks Linux for 2 MiB pages (madvise
+#   MADV_HUGEPAGE) for arrays of 4 MiB and more, 512 times fewer faults, so
+#   CPU outputs are allocated through numpy (:func:`_new_output`).
+# * PyTorch's CPU ``index_select`` runs on one core. Tensors of at least
+#   ``_PARALLEL_MIN_BYTES`` packed bytes are split between
+#   ``torch.get_num_threads()`` Python threads (PyTorch releases the GIL
+#   inside its operators), each decoding its own part of the output.
+#   Smaller ones are decoded by the calling thread in one step (starting a
+#   thread would cost more than it saves).
+# * A split tensor is decoded in steps of ``_DECODE_CHUNK`` bytes, whose
+#   2 MiB of float32 values are still in cache when they are multiplied by
+#   absmax. Steps start on block boundaries (``2 * _DECODE_CHUNK`` values is
+#   a multiple of every block size), so only the last one can end with a
+#   partial block.
+_DECODE_CHUNK = 1 << 18
+_PARALLEL_MIN_BYTES = 1 << 20
+
+
+def _new_output(numel: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """An uninitialised 1-D tensor; on CPU backed by a numpy array, so that
+    large outputs are mapped in 2 MiB pages where the OS allows it."""
+    if device.type != "cpu":
+        return torch.empty(numel, dtype=dtype, device=device)
+    itemsize = torch.empty((), dtype=dtype).element_size()
+    return torch.from_numpy(numpy.empty(numel * itemsize, dtype=numpy.uint8)).view(dtype)
 
 
 def _decode_and_scale(flat: torch.Tensor, absmax: torch.Tensor, code: torch.Tensor, blocksize: int, n: int,
                       dtype: torch.dtype) -> torch.Tensor:
     """``code[nibble] * absmax[block]`` for the ``n`` values packed in ``flat``,
-    computed in float32 and rounded once to ``dtype``, one piece at a time.
+    computed in float32 and rounded once to ``dtype``.
 
-    Each piece: the bytes become int32 indices, one ``index_select`` in the
-    256-entry :func:`byte_pair_table` writes two float32 values per byte, and
-    the piece is multiplied by its blocks' absmax in place. Pieces start on
-    block boundaries (``2 * _DECODE_CHUNK`` values is a multiple of every block
-    size), so only the last one can end with a partial block.
+    Large tensors are cut into one contiguous range per worker thread
+    (whole ``_DECODE_CHUNK`` steps each); :func:`_decode_range` decodes a
+    range. See the comment above ``_DECODE_CHUNK`` for why.
     """
     device = flat.device
     pairs = byte_pair_table(code).to(device)
-    step = min(flat.numel(), _DECODE_CHUNK)
-    index = torch.empty(step, dtype=torch.int32, device=device)
-    if dtype == torch.float32:
-        out = torch.empty(2 * flat.numel(), dtype=torch.float32, device=device)  # one padding value if n is odd
-        buffer = None
-    else:
-        out = torch.empty(n, dtype=dtype, device=device)
-        buffer = torch.empty(2 * step, dtype=torch.float32, device=device)
-    for start in range(0, flat.numel(), _DECODE_CHUNK):
-        piece = flat[start:start + _DECODE_CHUNK]
-        first, last = 2 * start, min(2 * (start + piece.numel()), n)
+    # float32 is decoded straight into the output, two values per byte: one
+    # padding value when n is odd.
+    out = _new_output(2 * flat.numel() if dtype == torch.float32 else n, dtype, device)
+    if device.type != "cpu" or flat.numel() < _PARALLEL_MIN_BYTES:
+        # One thread, one step: PyTorch's own threads share the copy and the
+        # multiplication, and there is no per-step overhead.
+        _decode_range(flat, 0, flat.numel(), max(flat.numel(), 1), pairs, absmax, blocksize, n, out)
+        return out[:n]
+    steps = -(-flat.numel() // _DECODE_CHUNK)
+    workers = max(1, min(torch.get_num_threads(), steps))
+    per_worker = -(-steps // workers) * _DECODE_CHUNK
+    ranges = [(start, min(start + per_worker, flat.numel())) for start in range(0, flat.numel(), per_worker)]
+
+    def decode(bounds: tuple[int, int]) -> None:
+        _decode_range(flat, bounds[0], bounds[1], _DECODE_CHUNK, pairs, absmax, blocksize, n, out)
+
+    helpers = [threading.Thread(target=_run_catching, args=(decode, bounds)) for bounds in ranges[1:]]
+    for helper in helpers:
+        helper.start()
+    decode(ranges[0])
+    for helper in helpers:
+        helper.join()
+    for helper in helpers:
+        if helper.error is not None:
+            raise helper.error
+    return out[:n]
+
+
+def _run_catching(fn, *args) -> None:
+    """Run ``fn(*args)`` in a helper thread, keeping an exception on the
+    thread object for the caller to raise."""
+    thread = threading.current_thread()
+    thread.error = None
+    try:
+        fn(*args)
+    except BaseException as error:  # re-raised in the calling thread
+        thread.error = error
+
+
+def _decode_range(flat: torch.Tensor, start: int, stop: int, chunk: int, pairs: torch.Tensor,
+                  absmax: torch.Tensor, blocksize: int, n: int, out: torch.Tensor) -> None:
+    """Decode bytes ``start:stop`` of ``flat`` into ``out``, ``chunk`` bytes at a
+    time (``start`` and ``chunk`` on block boundaries):
+    the bytes become int32 indices, one ``index_select`` in the 256-entry
+    :func:`byte_pair_table` writes two float32 values per byte, which are then
+    multiplied by their blocks' absmax in place (and, for a half-precision
+    ``out``, rounded into it)."""
+    step = min(stop - start, chunk)
+    index = torch.empty(step, dtype=torch.int32, device=flat.device)
+    buffer = None if out.dtype == torch.float32 else torch.empty(2 * step, dtype=torch.float32, device=flat.device)
+    for begin in range(start, stop, chunk):
+        piece = flat[begin:min(begin + chunk, stop)]
+        first, last = 2 * begin, min(2 * (begin + piece.numel()), n)
         values = out[first:first + 2 * piece.numel()] if buffer is None else buffer[: 2 * piece.numel()]
         torch.index_select(pairs, 0, index[: piece.numel()].copy_(piece), out=values.view(torch.int64))
         values = values[: last - first]
         _scale_back(values, absmax[first // blocksize: -(-last // blocksize)], blocksize, torch.float32)
         if buffer is not None:
             out[first:last].copy_(values)
-    return out[:n]
 
 
 # --------------------------------------------------------------------------- #

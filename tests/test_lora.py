@@ -1,7 +1,7 @@
 """qlora_lab.lora: LoRALinear, add_lora, merging, peft's adapter format.
 
-Equality with peft is exact (``torch.equal``): LoRALinear runs the same
-operations in the same order as peft's ``lora.Linear.forward``, and merging
+Equality with peft is exact (``torch.equal``): LoRALinear rounds as peft's
+``lora.Linear.forward`` does (its fused add only where that is exact), and merging
 forms ``(B @ A) * scaling`` as peft's ``get_delta_weight`` does. The only
 tolerances are where the arithmetic legitimately differs: a merged layer
 computes ``x (W + s B A)^T`` in one matmul instead of ``x W^T + s (x A^T) B^T``,
@@ -17,6 +17,7 @@ import warnings
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 import qlora_lab  # noqa: F401  (before bitsandbytes, which peft imports)
@@ -93,6 +94,25 @@ def test_forward_is_base_plus_scaled_low_rank_update():
     x = torch.randn(5, 7, 48)
     expected = layer.base(x) + (layer.alpha / layer.r) * x @ layer.lora_A.T @ layer.lora_B.T
     assert torch.allclose(layer(x), expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("r, alpha", [(16, 16), (64, 16), (8, 16), (12, 16), (3, 5)])
+def test_forward_has_pefts_rounding_in_every_dtype(dtype, r, alpha):
+    """When alpha / r is a power of two the forward adds the scaled update in
+    one fused operation; the result must still be peft's
+    ``result + update * scaling`` bit for bit. Small weights make float16 products
+    reach its subnormal range, where only peft's order gives peft's result."""
+    torch.manual_seed(7)
+    base = nn.Linear(32, 24, bias=False).to(dtype)
+    layer = LoRALinear(base, r=r, alpha=alpha, adapter_dtype=dtype)
+    with torch.no_grad():
+        base.weight.mul_(1e-4)  # small outputs too, so that the update is not lost in the sum
+        layer.lora_B.normal_(0, 1e-4)
+    x = torch.randn(64, 32, dtype=dtype)
+    with torch.no_grad():
+        expected = base(x) + F.linear(F.linear(x, layer.lora_A), layer.lora_B) * layer.scaling
+        assert torch.equal(layer(x), expected)
 
 
 def test_only_the_adapter_is_trainable_and_gets_gradients():

@@ -3,6 +3,7 @@ absmax and dequantized values, bit for bit (torch.equal)."""
 
 import copy
 import math
+import threading
 
 import pytest
 import torch
@@ -520,18 +521,47 @@ def test_fake_quantize_linear_layers(tiny):
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-def test_dequantize_in_several_pieces(dtype, monkeypatch):
-    """dequantize_4bit decodes large tensors piece by piece; with tiny pieces
-    the result must not change (pieces start on block boundaries)."""
+@pytest.mark.parametrize("threads", [1, 3])
+def test_dequantize_in_several_pieces(dtype, threads, monkeypatch):
+    """dequantize_4bit decodes large tensors piece by piece, split between
+    threads; with tiny pieces, and every tensor split, the result must not
+    change (pieces start on block boundaries)."""
     torch.manual_seed(11)
-    for shape, blocksize in [((37, 45), 64), ((4097,), 32), ((3, 1000), 256), ((5, 999), 4096)]:
-        x = torch.randn(shape).to(dtype)
-        packed, state = nf4.quantize_4bit(x, blocksize=blocksize, double_quant=blocksize == 32)
-        whole = nf4.dequantize_4bit(packed, state)
-        monkeypatch.setattr(nf4, "_DECODE_CHUNK", 2048)
-        pieces = nf4.dequantize_4bit(packed, state)
-        monkeypatch.undo()
-        assert torch.equal(pieces, whole) and torch.equal(whole, flattened_block_reference(packed, state))
+    shapes = [((37, 45), 64), ((4097,), 32), ((3, 1000), 256), ((5, 999), 4096), ((64, 301), 128)]
+    saved_threads = torch.get_num_threads()
+    try:
+        for shape, blocksize in shapes:
+            x = torch.randn(shape).to(dtype)
+            packed, state = nf4.quantize_4bit(x, blocksize=blocksize, double_quant=blocksize == 32)
+            whole = nf4.dequantize_4bit(packed, state)
+            monkeypatch.setattr(nf4, "_DECODE_CHUNK", 2048)
+            monkeypatch.setattr(nf4, "_PARALLEL_MIN_BYTES", 1)
+            torch.set_num_threads(threads)
+            pieces = nf4.dequantize_4bit(packed, state)
+            torch.set_num_threads(saved_threads)
+            monkeypatch.undo()
+            assert torch.equal(pieces, whole) and torch.equal(whole, flattened_block_reference(packed, state))
+    finally:
+        torch.set_num_threads(saved_threads)
+
+
+def test_dequantize_reports_an_error_raised_in_a_helper_thread(monkeypatch):
+    """An exception inside a helper thread reaches the caller (it is not lost
+    with the thread)."""
+    packed, state = nf4.quantize_4bit(torch.randn(64, 128))
+    monkeypatch.setattr(nf4, "_DECODE_CHUNK", 1024)
+    monkeypatch.setattr(nf4, "_PARALLEL_MIN_BYTES", 1)
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 2)
+    real = nf4._decode_range
+
+    def failing_in_helpers(*args):
+        if threading.current_thread() is not threading.main_thread():
+            raise RuntimeError("helper failed")
+        real(*args)
+
+    monkeypatch.setattr(nf4, "_decode_range", failing_in_helpers)
+    with pytest.raises(RuntimeError, match="helper failed"):
+        nf4.dequantize_4bit(packed, state)
 
 
 def test_benchmark_script_runs_small():
