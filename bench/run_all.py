@@ -1,4 +1,4 @@
-"""Run the three benchmarks and write their results as one Markdown page.
+"""Run the benchmarks and write their results as one Markdown page.
 
     .venv/bin/python bench/run_all.py                     # what `make bench` runs; writes bench/RESULTS.md
     .venv/bin/python bench/run_all.py --skip seven_b --threads 1 --output /tmp/results.md
@@ -10,7 +10,10 @@ In this order, each in its own process:
 2. ``bench/train_step.py``: a QLoRA training step on SmolLM2, qlora_lab
    against transformers + bitsandbytes + peft, and 16-bit LoRA.
 3. ``bench/seven_b.py``: one QLoRA step of LLaMA-7B's architecture, peak
-   memory and time, with the memory estimate.
+   memory and time, with the memory estimate; with the recipe's 32-bit
+   AdamW states.
+4. ``bench/seven_b.py --optimizer adamw8``: the same step with 8-bit AdamW
+   states (``seven_b_8bit``), which take a quarter of the memory.
 
 The page records the date, the machine (CPU, cores, memory), the library
 versions and the load average, since every timing depends on them. A
@@ -33,7 +36,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 import _shared  # noqa: E402
 
-BENCHMARKS = ("quantize", "train_step", "seven_b")
+BENCHMARKS = ("quantize", "train_step", "seven_b", "seven_b_8bit")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -99,6 +102,8 @@ def run_benchmarks(args, workdir: Path) -> dict[str, dict]:
                        "--seq-len", str(args.seq_len), "--steps", str(args.steps), *_threads(args)],
         "seven_b": ["seven_b.py", "--config", args.config, "--seq-len", str(args.seven_b_seq_len),
                     *_threads(args)],
+        "seven_b_8bit": ["seven_b.py", "--config", args.config, "--seq-len", str(args.seven_b_seq_len),
+                         "--optimizer", "adamw8", *_threads(args)],
     }
     outcomes = {}
     for name, command in commands.items():
@@ -212,6 +217,7 @@ SECTIONS = {
     "train_step": ("A QLoRA training step: qlora_lab against transformers + bitsandbytes + peft",
                    train_step_section),
     "seven_b": ("One QLoRA training step of a 7B model on this CPU", seven_b_section),
+    "seven_b_8bit": ("The same 7B step with 8-bit AdamW states", seven_b_section),
 }
 
 

@@ -122,7 +122,7 @@ def test_seven_b_refuses_to_start_without_memory(seven_b, capsys):
 
 
 @pytest.mark.parametrize("argv, message", [
-    (["--skip", "quantize", "train_step", "seven_b"], "--skip leaves nothing to run"),
+    (["--skip", "quantize", "train_step", "seven_b", "seven_b_8bit"], "--skip leaves nothing to run"),
     (["--skip", "everything"], "invalid choice: 'everything'"),
     (["--output", "/nonexistent/dir/RESULTS.md"], "does not exist"),
 ])
@@ -182,7 +182,8 @@ def test_run_all_writes_a_results_page(tiny_run):
                  "## 1. 4-bit quantize", "ratio ours/bnb", "## 2. A QLoRA training step", "| qlora_lab (",
                  "| transformers `BitsAndBytesConfig` + peft |", "| 16-bit LoRA", "**throughput",
                  "## 3. One QLoRA training step", "measured above the runtime / estimate",
-                 "estimate for full 16-bit finetuning"):
+                 "estimate for full 16-bit finetuning", "## 4. The same 7B step with 8-bit AdamW states",
+                 "bitsandbytes AdamW with 8-bit states"):
         assert text in page
 
 
@@ -224,6 +225,16 @@ def test_seven_b_measures_one_step(tiny_run):
     assert r["step_peak_bytes"] > r["runtime_bytes"] > 0
     assert data["full16_estimate_peak_bytes"] > data["estimate_peak_bytes"] > 0
 
+
+
+def test_seven_b_with_8bit_states_keeps_a_quarter_of_the_optimizer_memory(tiny_run):
+    _, out = tiny_run
+    recipe, eight = (json.loads((out / f"{name}.json").read_text()) for name in ("seven_b", "seven_b_8bit"))
+    assert (recipe["settings"]["optimizer"], eight["settings"]["optimizer"]) == ("adamw32", "adamw8")
+    trainable = eight["result"]["trainable_parameters"]
+    assert (recipe["estimate"]["optimizer"], eight["estimate"]["optimizer"]) == (8 * trainable, 2 * trainable)
+    assert eight["estimate_peak_bytes"] == recipe["estimate_peak_bytes"] - 6 * trainable
+    assert math.isfinite(eight["result"]["loss"])
 
 def test_run_all_reports_a_failing_benchmark(run_all, tmp_path):
     code = run_all.main(["--output", str(tmp_path / "RESULTS.md"), "--skip", "quantize", "train_step",
