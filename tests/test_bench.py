@@ -226,7 +226,6 @@ def test_seven_b_measures_one_step(tiny_run):
     assert data["full16_estimate_peak_bytes"] > data["estimate_peak_bytes"] > 0
 
 
-
 def test_seven_b_with_8bit_states_keeps_a_quarter_of_the_optimizer_memory(tiny_run):
     _, out = tiny_run
     recipe, eight = (json.loads((out / f"{name}.json").read_text()) for name in ("seven_b", "seven_b_8bit"))
@@ -235,6 +234,7 @@ def test_seven_b_with_8bit_states_keeps_a_quarter_of_the_optimizer_memory(tiny_r
     assert (recipe["estimate"]["optimizer"], eight["estimate"]["optimizer"]) == (8 * trainable, 2 * trainable)
     assert eight["estimate_peak_bytes"] == recipe["estimate_peak_bytes"] - 6 * trainable
     assert math.isfinite(eight["result"]["loss"])
+
 
 def test_run_all_reports_a_failing_benchmark(run_all, tmp_path):
     code = run_all.main(["--output", str(tmp_path / "RESULTS.md"), "--skip", "quantize", "train_step",
