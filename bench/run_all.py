@@ -95,15 +95,14 @@ def _threads(args) -> list[str]:
 
 def run_benchmarks(args, workdir: Path) -> dict[str, dict]:
     """Run each benchmark; ``{name: {"ok", "stdout", "error", "json"}}``."""
+    seven_b = ["seven_b.py", "--config", args.config, "--seq-len", str(args.seven_b_seq_len), *_threads(args)]
     commands = {
         "quantize": ["quantize.py", "--size", str(args.quantize_size), "--runs", str(args.quantize_runs),
                      *_threads(args)],
         "train_step": ["train_step.py", "--model", args.model, "--batch", str(args.batch),
                        "--seq-len", str(args.seq_len), "--steps", str(args.steps), *_threads(args)],
-        "seven_b": ["seven_b.py", "--config", args.config, "--seq-len", str(args.seven_b_seq_len),
-                    *_threads(args)],
-        "seven_b_8bit": ["seven_b.py", "--config", args.config, "--seq-len", str(args.seven_b_seq_len),
-                         "--optimizer", "adamw8", *_threads(args)],
+        "seven_b": seven_b,
+        "seven_b_8bit": [*seven_b, "--optimizer", "adamw8"],
     }
     outcomes = {}
     for name, command in commands.items():
