@@ -171,15 +171,15 @@ def worker(spec: dict) -> dict:
     import bitsandbytes as bnb
 
     from qlora_lab.lora import add_lora
-    from qlora_lab.memory import _PeakTracker, _release_freed_memory
+    from qlora_lab.memory import PeakTracker, release_freed_memory
     from qlora_lab.qlora import memory_footprint
 
     if spec["threads"]:
         torch.set_num_threads(spec["threads"])
     config = configure(spec["config"], spec["layers"])
     std = float(getattr(config, "initializer_range", 0.02) or 0.02)
-    tracker = _PeakTracker()
-    _release_freed_memory()
+    tracker = PeakTracker()
+    release_freed_memory()
     runtime = tracker.current()
     started = time.perf_counter()
 
@@ -194,7 +194,7 @@ def worker(spec: dict) -> dict:
         other = materialise_rest(model, std, spec["seed"])
         add_lora(model, r=spec["lora_r"], alpha=spec["lora_alpha"], dropout=spec["lora_dropout"],
                  target_modules="all-linear", adapter_dtype=STORAGE_DTYPE)
-        _release_freed_memory()
+        release_freed_memory()
     build_seconds = time.perf_counter() - started
     build_peak = tracker.peak
     model_resident = tracker.current()
@@ -207,7 +207,7 @@ def worker(spec: dict) -> dict:
     generator = torch.Generator().manual_seed(spec["seed"])
     tokens = torch.randint(0, config.vocab_size, (spec["batch"], spec["seq_len"]), generator=generator)
 
-    _release_freed_memory()
+    release_freed_memory()
     with tracker:
         t0 = time.perf_counter()
         loss = model(input_ids=tokens, labels=tokens).loss

@@ -86,18 +86,16 @@ LEARNING_RATE = 2e-4
 def _from_pretrained(model_dir: str, **kwargs):
     from transformers import AutoModelForCausalLM
 
-    from qlora_lab.models import _quiet_loading
+    from qlora_lab.models import quiet_loading
 
-    with _quiet_loading():
+    with quiet_loading():
         return AutoModelForCausalLM.from_pretrained(model_dir, **kwargs)
 
 
 def _peft_lora(model, r: int, alpha: float):
-    from peft import LoraConfig, get_peft_model
+    from qlora_lab.backends import peft_lora
 
-    config = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=0.0, target_modules="all-linear",
-                        bias="none", task_type="CAUSAL_LM")
-    return get_peft_model(model, config)
+    return peft_lora(model, r, alpha, dropout=0.0, target_modules="all-linear")
 
 
 def build_qlora_lab(model_dir: str, r: int, alpha: float) -> tuple[torch.nn.Module, dict]:
@@ -114,16 +112,13 @@ def build_qlora_lab(model_dir: str, r: int, alpha: float) -> tuple[torch.nn.Modu
 
 
 def build_bitsandbytes(model_dir: str, r: int, alpha: float) -> tuple[torch.nn.Module, dict]:
-    from transformers import BitsAndBytesConfig
+    from qlora_lab.backends import bitsandbytes_config
 
-    quantization = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
-                                      bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=torch.float32)
     start = time.perf_counter()
     # transformers quantizes while it loads: the two cannot be timed apart.
-    model = _from_pretrained(model_dir, quantization_config=quantization, dtype=torch.float32)
+    model = _from_pretrained(model_dir, quantization_config=bitsandbytes_config("nf4", True, torch.float32),
+                             dtype=torch.float32)
     loaded = time.perf_counter()
-    for p in model.parameters():
-        p.requires_grad_(False)
     return _peft_lora(model, r, alpha), {"load_seconds": loaded - start, "quantize_seconds": None}
 
 
@@ -131,8 +126,6 @@ def build_lora16(model_dir: str, r: int, alpha: float) -> tuple[torch.nn.Module,
     start = time.perf_counter()
     model = _from_pretrained(model_dir, dtype=torch.bfloat16)
     loaded = time.perf_counter()
-    for p in model.parameters():
-        p.requires_grad_(False)
     return _peft_lora(model, r, alpha), {"load_seconds": loaded - start, "quantize_seconds": None}
 
 
@@ -237,20 +230,20 @@ class Trainer:
 def worker(spec: dict) -> dict:
     """One variant in this (fresh) process: time and peak memory; see the module docstring."""
     _import_runtime()
-    from qlora_lab.memory import _PeakTracker, _release_freed_memory
+    from qlora_lab.memory import PeakTracker, release_freed_memory
 
     if spec["threads"]:
         torch.set_num_threads(spec["threads"])
     torch.manual_seed(spec["seed"])
-    tracker = _PeakTracker()
-    _release_freed_memory()
+    tracker = PeakTracker()
+    release_freed_memory()
     runtime = tracker.current()
 
     with tracker:
         trainer = Trainer(spec, spec["variant"])
     build_peak = tracker.peak - runtime
     trainer.warm_up()
-    _release_freed_memory()
+    release_freed_memory()
     model_bytes = tracker.current() - runtime
     with tracker:
         for index in range(spec["steps"]):

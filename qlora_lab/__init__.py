@@ -18,6 +18,10 @@ module                    idea                                            chapte
 ``qlora_lab.paged``       a paged AdamW surviving memory spikes           06
 ``qlora_lab.data``        instruction data, chat template, labels         07
 ``qlora_lab.train``       the Guanaco recipe as a training loop           07
+``qlora_lab.backends``    the course's layers or transformers +           07
+                          bitsandbytes + peft: who builds the model
+``qlora_lab.streaming``   loading a checkpoint straight into 4 bits       07
+``qlora_lab.smoke``       ``make gpu-smoke``: both backends on a GPU      07
 ``qlora_lab.experiments`` QLoRA vs 16-bit LoRA, longer than CI allows     07
 ========================  ==============================================  =========
 

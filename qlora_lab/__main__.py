@@ -2,11 +2,15 @@
 
     python -m qlora_lab finetune --preset smollm2-cpu --out runs/smollm2
     python -m qlora_lab finetune --preset llama-7b-gpu --model huggyllama/llama-7b --out runs/guanaco-7b
-    python -m qlora_lab finetune --preset llama-7b-gpu --dry-run      # anywhere: configuration + memory estimate
+    python -m qlora_lab finetune --preset llama-7b-gpu --dry-run      # anywhere: configuration + memory per backend
     python -m qlora_lab finetune --preset smollm2-cpu --out runs/smollm2 --resume
+    python -m qlora_lab gpu-smoke --model huggyllama/llama-7b          # both backends, a few steps on the GPU
 
 Settings of a preset can be changed with ``--max-steps``, ``--model``,
-``--data`` or ``--set name=value`` (any field of ``qlora_lab.train.TrainConfig``).
+``--data``, ``--backend`` or ``--set name=value`` (any field of
+``qlora_lab.train.TrainConfig``). ``--backend`` chooses who builds the model:
+``bitsandbytes`` (transformers + bitsandbytes + peft, the default on CUDA) or
+``qlora_lab`` (the course's layers, the default on a CPU); see ``qlora_lab.backends``.
 """
 
 from __future__ import annotations
@@ -53,34 +57,60 @@ def resolve_config(args) -> "TrainConfig":  # noqa: F821
         except ValueError as err:
             raise ValueError(f"--set {name}={value}: {err}") from None
     for flag, name in [("model", "model"), ("data", "data"), ("max_steps", "max_steps"),
-                       ("score", "score_examples")]:
+                       ("score", "score_examples"), ("backend", "backend")]:
         if getattr(args, flag) is not None:
             overrides[name] = getattr(args, flag)
     return preset(args.preset, **overrides)
 
 
-def memory_estimate_text(config) -> str:
-    """The memory estimate of chapter 03 for this run."""
-    from qlora_lab import memory
+def _device_type(config) -> str:
+    """The device a run would use: CUDA if there is one or the preset needs it."""
+    import torch
 
-    source = config.model
+    return "cuda" if torch.cuda.is_available() or config.requires_gpu else "cpu"
+
+
+def memory_estimate_text(config, device_type: str = "cuda") -> str:
+    """The memory estimate of chapter 03 for this run (:func:`qlora_lab.backends.run_estimate`)."""
+    from qlora_lab import memory
+    from qlora_lab.backends import model_config_source, run_estimate
+
     try:
-        breakdown = memory.estimate(source, "qlora" if config.method == "qlora" else "lora16",
-                                    lora_r=config.lora_r, seq_len=config.max_length, batch=config.batch_size,
-                                    gradient_checkpointing=config.gradient_checkpointing)
-    except Exception as err:  # the model's config may be unreachable offline: fall back to the shipped one
-        if not config.memory_config:
-            return f"(no memory estimate: {err})"
-        source = config.memory_config
-        breakdown = memory.estimate(source, "qlora" if config.method == "qlora" else "lora16",
-                                    lora_r=config.lora_r, seq_len=config.max_length, batch=config.batch_size,
-                                    gradient_checkpointing=config.gradient_checkpointing)
-    full = memory.estimate(source, "full16", seq_len=config.max_length, batch=config.batch_size,
-                           gradient_checkpointing=config.gradient_checkpointing)
-    return (f"memory estimate for {source} ({config.method}, r={config.lora_r}, batch {config.batch_size} x "
-            f"{config.max_length} tokens, checkpointing {'on' if config.gradient_checkpointing else 'off'}):\n"
-            f"{breakdown}\n"
+        breakdown = run_estimate(config, device_type)
+    except (ValueError, OSError) as err:  # a model whose config cannot be read here
+        return f"(no memory estimate: {err})"
+    full = memory.estimate(model_config_source(config), "full16", seq_len=config.max_length,
+                           batch=config.batch_size, gradient_checkpointing=config.gradient_checkpointing)
+    compute = breakdown.settings["compute_dtype"].removeprefix("torch.")
+    text = (f"memory estimate for {breakdown.model} ({config.method}, r={config.lora_r}, batch {config.batch_size} x "
+            f"{config.max_length} tokens, checkpointing {'on' if config.gradient_checkpointing else 'off'}, "
+            f"{compute} compute, float32 adapters, 32-bit Adam states, on {device_type}):\n{breakdown}\n"
             f"full 16-bit finetuning of the same model would need about {full.total / 1e9:.1f} GB")
+    return text
+
+
+def memory_plan_text(config, device_type: str = "cuda") -> str:
+    """The dry run's table: for each backend, the GPU estimate, the host memory
+    of the load, and which common GPUs the estimate fits."""
+    from qlora_lab.backends import COMMON_GPUS_GB, HOST_RUNTIME_BYTES, memory_plan
+
+    try:
+        rows = memory_plan(config, device_type)
+    except (ValueError, OSError) as err:
+        return f"(no per-backend table: {err})"
+    names = [r["backend"] + (" (default)" if r["default"] else "") for r in rows]
+    width = max(len("backend"), *map(len, names)) + 2
+    lines = [f"what each backend needs for {rows[0]['estimate'].model} on {device_type}:",
+             f"{'backend':<{width}}{'estimate':>13}{'host for the load':>19}"
+             + "".join(f"{gb:>4} GB" for gb in COMMON_GPUS_GB)]
+    for name, r in zip(names, rows):
+        lines.append(f"{name:<{width}}{r['estimate'].total / 1e9:>10.2f} GB{r['host_bytes'] / 1e9:>16.2f} GB"
+                     + "".join(f"{'fits' if r['fits'][gb] else 'no':>7}" for gb in COMMON_GPUS_GB))
+    lines.append(f"Estimate: a training step's memory on the device (chapter 03), the same tensors with either "
+                 f"backend; a GPU fits when it is within the card's size (GiB). Host: the load's peak, {HOST_RUNTIME_BYTES / 1e9:.2f} GB of runtime "
+                 f"included; qlora_lab streams one tensor at a time, transformers (bitsandbytes) keeps the 16-bit "
+                 f"checkpoint's pages mapped while it loads (measured on the CPU).")
+    return "\n".join(lines)
 
 
 def finetune(args) -> int:
@@ -88,9 +118,11 @@ def finetune(args) -> int:
 
     config = resolve_config(args)
     if args.dry_run:
+        device_type = _device_type(config)
         print("resolved configuration:")
         print(json.dumps(dataclasses.asdict(config), indent=2))
-        print(memory_estimate_text(config))
+        print(memory_estimate_text(config, device_type))
+        print(memory_plan_text(config, device_type))
         return 0
     if args.out is None:
         raise ValueError("--out DIR is required (where checkpoints, the adapter and metrics.json go)")
@@ -101,7 +133,8 @@ def finetune(args) -> int:
         torch.cuda.reset_peak_memory_stats()
     result = train(config, args.out, resume=args.resume, progress=args.progress)
     first, last = result.evaluations[0], result.evaluations[-1]
-    print(f"trained {len(result.history)} steps" + (f" (resumed at step {result.resumed_from})" if result.resumed_from else ""))
+    print(f"trained {len(result.history)} steps with the {result.backend} backend"
+          + (f" (resumed at step {result.resumed_from})" if result.resumed_from else ""))
     for key in ("eval_loss", "exact_match"):
         if key in last:
             before = f"{first[key]:.4f} at step {first['step']} -> " if key in first and first is not last else ""
@@ -112,7 +145,7 @@ def finetune(args) -> int:
 
         peak = torch.cuda.max_memory_allocated()
         print(f"peak GPU memory allocated: {peak / 1e9:.2f} GB")
-        print(memory_estimate_text(config))
+        print(memory_estimate_text(config, "cuda"))
     return 0
 
 
@@ -128,14 +161,21 @@ def build_parser() -> argparse.ArgumentParser:
     ft.add_argument("--data", help="directory with train.jsonl and validation.jsonl (default: the course's data set)")
     ft.add_argument("--out", help="output directory for checkpoints, the adapter and metrics.json")
     ft.add_argument("--max-steps", type=int, dest="max_steps")
+    ft.add_argument("--backend", choices=["auto", "qlora_lab", "bitsandbytes"],
+                    help="who builds the model: bitsandbytes (transformers + bitsandbytes + peft; default on CUDA) "
+                         "or qlora_lab (the course's layers; default on a CPU)")
     ft.add_argument("--score", type=int, help="exact-match score this many validation items at each evaluation")
     ft.add_argument("--set", action="append", metavar="NAME=VALUE", help="change any setting (repeatable)")
     ft.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --out")
     ft.add_argument("--dry-run", action="store_true", dest="dry_run",
-                    help="print the resolved configuration and the memory estimate, then stop")
+                    help="print the resolved configuration, the memory estimate and what each backend needs "
+                         "(GPU, host memory to load, which GPUs fit), then stop")
     ft.add_argument("--progress", choices=["bar", "log", "none"], default="bar")
     ft.add_argument("--report-memory", action="store_true", dest="report_memory",
                     help="on a GPU: print the peak memory against the estimate at the end")
+    from qlora_lab.smoke import add_arguments
+
+    add_arguments(commands.add_parser("gpu-smoke", help="both backends for a few steps on the GPU, side by side"))
     ex = commands.add_parser("experiments", help="QLoRA vs 16-bit LoRA on SmolLM2, longer than CI allows")
     ex.add_argument("--steps", type=int, default=300)
     ex.add_argument("--out", default="runs/experiments", help="where the runs' checkpoints go")
@@ -162,6 +202,10 @@ def main(argv: list[str] | None = None) -> int:
             return finetune(args)
         if args.command == "experiments":
             return experiments(args)
+        if args.command == "gpu-smoke":
+            from qlora_lab.smoke import run_from_args
+
+            return run_from_args(args)
     except (ValueError, FileNotFoundError, FileExistsError, RuntimeError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

@@ -950,7 +950,9 @@ def _rss_bytes(field_name: str = "VmRSS") -> int:
     return int(match.group(1)) * 1024
 
 
-def _release_freed_memory() -> None:
+def release_freed_memory() -> None:
+    """Collect garbage and ask glibc to hand freed heap pages back to the
+    kernel (``malloc_trim``), so that the resident set shows live memory."""
     import gc
 
     gc.collect()
@@ -958,11 +960,14 @@ def _release_freed_memory() -> None:
         ctypes.CDLL("libc.so.6").malloc_trim(0)
 
 
-class _PeakTracker:
+class PeakTracker:
     """Peak resident set from the kernel's high-water mark (Linux: reset by
     writing 5 to /proc/self/clear_refs), or from polling with psutil every
     millisecond where that is not available (a spike shorter than a
-    millisecond can then be missed)."""
+    millisecond can then be missed).
+
+    ``with tracker: ...`` sets ``tracker.peak`` (bytes, the whole process);
+    ``tracker.current()`` is the resident set now."""
 
     def __init__(self):
         self.kernel = False
@@ -1011,27 +1016,23 @@ class _PeakTracker:
         return False
 
 
+# The names bench/ and older code use.
+_release_freed_memory = release_freed_memory
+_PeakTracker = PeakTracker
+
+
 def bitsandbytes_qlora_model(model_dir: str | None = None, lora_r: int = GUANACO_LORA_R, lora_alpha: int = 16):
     """SmolLM2 (or the model in ``model_dir``) loaded by transformers in NF4
     with double quantization and fp32 compute (``BitsAndBytesConfig``), with
-    peft LoRA adapters (no dropout) on every linear layer except the lm_head.
-    The stand-in for the course's own QLoRA layer until chapter 05 exists."""
+    peft LoRA adapters (no dropout) on every linear layer except the lm_head:
+    the ``bitsandbytes`` backend of :mod:`qlora_lab.backends`."""
     import qlora_lab  # noqa: F401  (before bitsandbytes)
-    from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+    from qlora_lab.backends import bitsandbytes_config, peft_lora
+    from qlora_lab.models import load_model, smollm2_cache_path
 
-    from qlora_lab.models import _quiet_loading, smollm2_cache_path
-
-    path = model_dir or smollm2_cache_path()
-    quantization = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
-                                      bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=torch.float32)
-    with _quiet_loading():
-        model = AutoModelForCausalLM.from_pretrained(path, quantization_config=quantization, dtype=torch.float32)
-    for p in model.parameters():
-        p.requires_grad_(False)
-    lora = LoraConfig(r=lora_r, lora_alpha=lora_alpha, lora_dropout=0.0, target_modules="all-linear",
-                      bias="none", task_type="CAUSAL_LM")
-    return get_peft_model(model, lora)
+    model = load_model(str(model_dir or smollm2_cache_path()), dtype=torch.float32, with_tokenizer=False,
+                       quantization_config=bitsandbytes_config("nf4", True, torch.float32))
+    return peft_lora(model, lora_r, lora_alpha)
 
 
 def bf16_full_model(model_dir: str | None = None, lora_r: int | None = None, lora_alpha: int | None = None):
@@ -1039,10 +1040,10 @@ def bf16_full_model(model_dir: str | None = None, lora_r: int | None = None, lor
     trainable: full 16-bit finetuning."""
     from transformers import AutoModelForCausalLM
 
-    from qlora_lab.models import _quiet_loading, smollm2_cache_path
+    from qlora_lab.models import quiet_loading, smollm2_cache_path
 
     path = model_dir or smollm2_cache_path()
-    with _quiet_loading():
+    with quiet_loading():
         model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16)
     for p in model.parameters():
         p.requires_grad_(True)
@@ -1063,7 +1064,7 @@ def _own_parameter_memory(model) -> None:
         if type(p) is torch.nn.Parameter and id(p) not in seen:
             seen.add(id(p))
             p.data = p.data.clone()
-    _release_freed_memory()
+    release_freed_memory()
 
 
 def _import_builder(spec: str):
@@ -1085,8 +1086,8 @@ def _measure_here(spec: dict) -> dict:
         torch.set_num_threads(spec["threads"])
     torch.manual_seed(spec["seed"])
     builder = _import_builder(spec["builder"])
-    tracker = _PeakTracker()
-    _release_freed_memory()
+    tracker = PeakTracker()
+    release_freed_memory()
     runtime = tracker.current()
 
     phase = time.perf_counter()
@@ -1119,10 +1120,10 @@ def _measure_here(spec: dict) -> dict:
             p.grad = torch.zeros_like(p)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-    _release_freed_memory()
+    release_freed_memory()
     model_bytes = tracker.current() - runtime
     tokens = torch.randint(0, vocab, (spec["batch"], spec["seq_len"]))
-    _release_freed_memory()
+    release_freed_memory()
     phase = time.perf_counter()
     with tracker:
         step(tokens)

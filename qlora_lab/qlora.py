@@ -43,6 +43,7 @@ __all__ = [
     "LinearNF4",
     "QuantizationReport",
     "default_compute_dtype",
+    "linear_layer_names",
     "memory_footprint",
     "quantize_model",
 ]
@@ -224,7 +225,9 @@ class QuantizationReport:
                 f"({self.bytes_before / self.bytes_after:.2f}x smaller)")
 
 
-def _linear_layers(model: nn.Module, skip: tuple[str, ...]) -> list[str]:
+def linear_layer_names(model: nn.Module, skip: tuple[str, ...] = ("lm_head",)) -> list[str]:
+    """The layers :func:`quantize_model` quantizes: every ``nn.Linear`` whose
+    name is not in ``skip`` and does not end with ``"." + entry`` of it."""
     return [name for name, m in model.named_modules()
             if type(m) is nn.Linear and not any(name == s or name.endswith("." + s) for s in skip)]
 
@@ -252,7 +255,7 @@ def quantize_model(model: nn.Module, quant_type: str = "nf4", double_quant: bool
         raise TypeError(f"quantize_model needs a torch model, got {type(model).__name__}")
     if not isinstance(skip, (tuple, list)) or not all(isinstance(s, str) for s in skip):
         raise TypeError(f"skip must be a tuple of module names, got {skip!r}")
-    names = _linear_layers(model, tuple(skip))
+    names = linear_layer_names(model, tuple(skip))
     if not names:
         already = sum(isinstance(m, LinearNF4) for m in model.modules())
         hint = f" ({already} layers are already LinearNF4)" if already else ""

@@ -24,7 +24,9 @@ the step (the order of the batches, computed from the seed and the epoch).
 
 The same code runs SmolLM2 on a laptop CPU and LLaMA-7B on one GPU: the
 presets of :data:`PRESETS` differ in numbers, not in code paths, except where
-the device decides (compute dtype, optimizer).
+the device decides (compute dtype, optimizer, and the backend that builds the
+model: the course's layers on a CPU, transformers + bitsandbytes + peft on
+CUDA; :mod:`qlora_lab.backends`).
 """
 
 from __future__ import annotations
@@ -45,6 +47,7 @@ from typing import Any, Callable
 import torch
 
 from qlora_lab import data as data_lib
+from qlora_lab.fast.loss import causal_lm_loss
 
 CHECKPOINT_PREFIX = "checkpoint-"
 TRAINER_STATE = "trainer_state.json"
@@ -62,9 +65,10 @@ class TrainConfig:
     bfloat16 on CUDA, float32 on CPU; the paper's baseline). ``optimizer`` is
     ``"auto"`` (bitsandbytes ``paged_adamw_32bit`` on CUDA, ``adamw`` on CPU),
     ``"adamw"`` (torch), ``"paged_adamw"`` (``qlora_lab.paged.PagedAdamW``) or
-    ``"paged_adamw_32bit"`` (bitsandbytes). ``memory_config`` names a shipped
+    ``"paged_adamw_32bit"`` (bitsandbytes; CUDA only). ``memory_config`` names a shipped
     config for the dry-run memory estimate when the model's own config cannot
-    be read (a hub id on an offline machine).
+    be read (a hub id on an offline machine). ``backend`` is ``"auto"``,
+    ``"qlora_lab"`` or ``"bitsandbytes"`` (:mod:`qlora_lab.backends`).
     """
 
     model: str = "smollm2"
@@ -101,6 +105,7 @@ class TrainConfig:
     keep_checkpoints: int = 2
     requires_gpu: bool = False
     memory_config: str | None = None
+    backend: str = "auto"
 
     def validate(self) -> None:
         """Clear errors for settings that cannot work."""
@@ -108,6 +113,8 @@ class TrainConfig:
             raise ValueError(f"method must be 'qlora' or 'lora16', got {self.method!r}")
         if self.optimizer not in ("auto", "adamw", "paged_adamw", "paged_adamw_32bit"):
             raise ValueError(f"optimizer must be auto, adamw, paged_adamw or paged_adamw_32bit, got {self.optimizer!r}")
+        if self.backend not in ("auto", "qlora_lab", "bitsandbytes"):
+            raise ValueError(f"backend must be auto, qlora_lab or bitsandbytes, got {self.backend!r}")
         if self.compute_dtype not in ("auto", "float32", "bfloat16", "float16"):
             raise ValueError(f"compute_dtype must be auto, float32, bfloat16 or float16, got {self.compute_dtype!r}")
         for name in ("lora_r", "max_length", "batch_size", "gradient_accumulation_steps", "max_steps",
@@ -192,39 +199,19 @@ def resolve_device(config: TrainConfig) -> torch.device:
 
 
 def compute_dtype_for(config: TrainConfig, device: torch.device) -> torch.dtype:
-    if config.compute_dtype == "auto":
-        from qlora_lab.qlora import default_compute_dtype
+    from qlora_lab.backends import compute_dtype
 
-        return default_compute_dtype(device)
-    return getattr(torch, config.compute_dtype)
+    return compute_dtype(config, device)
 
 
-def build_model(config: TrainConfig, device: torch.device, model=None, tokenizer=None):
+def build_model(config: TrainConfig, device: torch.device, model=None, tokenizer=None, backend: str | None = None):
     """Load (unless given), quantize (for ``qlora``), add LoRA adapters, and
-    switch on gradient checkpointing: ``(model, tokenizer)``."""
-    from qlora_lab.lora import add_lora
-    from qlora_lab.models import load_model
-    from qlora_lab.qlora import quantize_model
+    switch on gradient checkpointing with the run's backend
+    (:func:`qlora_lab.backends.build_model`): ``(model, tokenizer)``."""
+    from qlora_lab import backends
 
-    dtype = compute_dtype_for(config, device)
-    if model is None:
-        model, tokenizer = load_model(config.model, dtype=dtype if config.method == "lora16" else
-                                      (torch.bfloat16 if dtype == torch.bfloat16 else torch.float32))
-    elif tokenizer is None:
-        raise ValueError("pass the tokenizer together with the model")
-    data_lib.ensure_chat_template(tokenizer)
-    if config.method == "qlora":
-        # Quantize on the device, layer by layer: peak device memory stays near
-        # the 4-bit size (the 16-bit model is only ever on the host).
-        quantize_model(model, quant_type=config.quant_type, double_quant=config.double_quant,
-                       blocksize=config.blocksize, compute_dtype=dtype, device=device)
-    model.to(device)
-    add_lora(model, r=config.lora_r, alpha=config.lora_alpha, dropout=config.lora_dropout,
-             target_modules=config.target_modules)
-    model.config.use_cache = False  # a key/value cache serves generation, not training
-    if config.gradient_checkpointing:
-        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
-    return model, tokenizer
+    backend = backend or backends.resolve_backend(config.backend, device, model_given=model is not None)
+    return backends.build_model(config, device, backend, model, tokenizer)
 
 
 def build_optimizer(config: TrainConfig, params: list[torch.Tensor], device: torch.device):
@@ -234,6 +221,9 @@ def build_optimizer(config: TrainConfig, params: list[torch.Tensor], device: tor
     kwargs = dict(lr=config.learning_rate, betas=(config.adam_beta1, config.adam_beta2),
                   weight_decay=config.weight_decay)
     if name == "paged_adamw_32bit":
+        if device.type != "cuda":
+            raise ValueError("optimizer paged_adamw_32bit is bitsandbytes' paged AdamW, which pages through CUDA "
+                             "unified memory; on a CPU choose adamw (torch) or paged_adamw (the course's, chapter 06)")
         import bitsandbytes as bnb
 
         return bnb.optim.PagedAdamW32bit(params, **kwargs)
@@ -298,7 +288,7 @@ def evaluation_loss(model, examples: list[dict], pad_token_id: int, batch_size: 
             batch = data_lib.collate(examples[start: start + batch_size], pad_token_id)
             n = labelled_tokens(batch["labels"])
             batch = {k: v.to(device) for k, v in batch.items()}
-            loss = model(**batch, num_items_in_batch=n).loss
+            loss = causal_lm_loss(model, **batch, num_items_in_batch=n)
             total += loss.item() * n
             count += n
     finally:
@@ -343,7 +333,7 @@ def save_checkpoint(out_dir: Path, step: int, model, optimizer, scheduler, state
                     base_model: str) -> Path:
     """Write ``checkpoint-<step>`` atomically: everything into a temporary
     directory beside it, the trainer state last, then one rename."""
-    from qlora_lab.lora import save_adapter
+    from qlora_lab.backends import save_adapter
 
     final = out_dir / f"{CHECKPOINT_PREFIX}{step}"
     staging = Path(tempfile.mkdtemp(prefix=f".{final.name}-", dir=out_dir))
@@ -363,6 +353,22 @@ def save_checkpoint(out_dir: Path, step: int, model, optimizer, scheduler, state
     return final
 
 
+def load_training_state(path: str | os.PathLike) -> dict[str, Any]:
+    """Read a checkpoint's ``training_state.pt`` (optimizer, scheduler, random
+    states) with ``torch.load(weights_only=True)``: tensors and plain Python
+    data only. A pickle can name any function to call while it is read, so a
+    file that holds anything else is refused, not run."""
+    import pickle
+
+    try:
+        return torch.load(path, weights_only=True)
+    except pickle.UnpicklingError as err:
+        raise ValueError(
+            f"{path} holds Python objects besides tensors and plain data, which could run code while loading, so it "
+            f"was refused (torch.load with weights_only=True). A checkpoint written by this course never does: "
+            f"resume only from checkpoints you wrote, or start the run again without --resume. ({err})") from None
+
+
 # --------------------------------------------------------------------------- #
 # The loop
 # --------------------------------------------------------------------------- #
@@ -371,6 +377,7 @@ class TrainResult:
     """What a run did: the per-step history, the evaluations, where the adapter is."""
 
     config: TrainConfig
+    backend: str = "qlora_lab"
     history: list[dict] = field(default_factory=list)
     evaluations: list[dict] = field(default_factory=list)
     adapter_dir: Path | None = None
@@ -416,6 +423,10 @@ def train(config: TrainConfig, out_dir: str | os.PathLike, *, resume: bool = Fal
         raise FileExistsError(f"{out_dir} already holds checkpoints of a run; pass resume=True (--resume) to "
                               f"continue it, or choose another output directory")
     device = resolve_device(config)
+    from qlora_lab import backends
+
+    backend = backends.resolve_backend(config.backend, device, model_given=model is not None)
+    backends.check_backend(config, backend)
     out_dir.mkdir(parents=True, exist_ok=True)
 
     # Data first: a malformed line must stop the run before the model is loaded.
@@ -423,7 +434,7 @@ def train(config: TrainConfig, out_dir: str | os.PathLike, *, resume: bool = Fal
         splits = data_lib.load_dataset(config.data, splits=("train", "validation"))
     torch.manual_seed(config.seed)
     random.seed(config.seed)
-    model, tokenizer = build_model(config, device, model, tokenizer)
+    model, tokenizer = build_model(config, device, model, tokenizer, backend=backend)
     train_examples, report = data_lib.tokenize_records(splits["train"], tokenizer, config.max_length)
     if not train_examples:
         raise ValueError(f"no training example survives tokenization ({report})")
@@ -437,14 +448,12 @@ def train(config: TrainConfig, out_dir: str | os.PathLike, *, resume: bool = Fal
     scheduler = constant_schedule_with_warmup(optimizer, config.warmup_steps)
     schedule = BatchSchedule([len(e["input_ids"]) for e in train_examples], config.batch_size, config.seed,
                              config.group_by_length)
-    result = TrainResult(config=config)
+    result = TrainResult(config=config, backend=backend)
     state = {"step": 0, "history": [], "evaluations": [], "config": dataclasses.asdict(config)}
 
     if checkpoint is not None:
-        from qlora_lab.lora import load_adapter
-
-        load_adapter(model, checkpoint / ADAPTER_DIR)
-        saved = torch.load(checkpoint / "training_state.pt", weights_only=False)
+        backends.load_adapter(model, checkpoint / ADAPTER_DIR)
+        saved = load_training_state(checkpoint / "training_state.pt")
         optimizer.load_state_dict(saved["optimizer"])
         scheduler.load_state_dict(saved["scheduler"])
         state = json.loads((checkpoint / TRAINER_STATE).read_text())
@@ -490,7 +499,7 @@ def train(config: TrainConfig, out_dir: str | os.PathLike, *, resume: bool = Fal
         for batch in batches:
             tokens += int(batch["attention_mask"].sum())
             batch = {k: v.to(device) for k, v in batch.items()}
-            loss = model(**batch, num_items_in_batch=n_labelled).loss
+            loss = causal_lm_loss(model, **batch, num_items_in_batch=n_labelled)
             loss.backward()
             step_loss += loss.item()
         grad_norm = torch.nn.utils.clip_grad_norm_(trainable, config.max_grad_norm)
@@ -518,13 +527,17 @@ def train(config: TrainConfig, out_dir: str | os.PathLike, *, resume: bool = Fal
     if bar is not None:
         bar.close()
 
-    from qlora_lab.lora import save_adapter
-
     result.adapter_dir = out_dir / ADAPTER_DIR
-    save_adapter(model, result.adapter_dir, base_model_name_or_path=config.model, overwrite=True)
-    (out_dir / "metrics.json").write_text(json.dumps(
-        {"config": dataclasses.asdict(config), "history": state["history"], "evaluations": state["evaluations"]},
-        indent=1))
+    backends.save_adapter(model, result.adapter_dir, base_model_name_or_path=config.model, overwrite=True)
+    metrics = {"config": dataclasses.asdict(config), "history": state["history"],
+               "evaluations": state["evaluations"], "backend": backend}
+    if device.type == "cuda":
+        # PyTorch's allocations only: bitsandbytes' paged optimizer states live
+        # in CUDA unified memory, outside them (see python -m qlora_lab gpu-smoke).
+        metrics["peak_gpu_allocated_bytes"] = torch.cuda.max_memory_allocated(device)
+        free, total = torch.cuda.mem_get_info(device)
+        metrics["gpu_used_bytes_at_end"] = total - free
+    (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=1))
     result.history, result.evaluations = state["history"], state["evaluations"]
     result.seconds = time.perf_counter() - started
     result.model, result.tokenizer = model, tokenizer

@@ -248,8 +248,20 @@ def test_bench_scripts_run_as_scripts():
     """``python bench/X.py --help`` works from any directory (bench/ puts itself on the path)."""
     import subprocess
 
-    for name in ("train_step", "seven_b", "run_all"):
+    for name in ("train_step", "seven_b", "run_all", "streaming_load"):
         done = subprocess.run([sys.executable, str(BENCH / f"{name}.py"), "--help"], capture_output=True,
                               text=True, cwd="/", check=False)
         assert done.returncode == 0, done.stderr
         assert "usage:" in done.stdout
+
+
+def test_streaming_load_measures_a_load_and_deletes_the_checkpoint(tiny_config, tmp_path, capsys):
+    streaming_load = _load("streaming_load")
+    assert streaming_load.main(["--config", tiny_config, "--dir", str(tmp_path), "--threads", "1",
+                                "--json", str(tmp_path / "out.json")]) == 0
+    data = json.loads((tmp_path / "out.json").read_text())
+    r = data["result"]
+    assert data["written"]["files"] == 1 and r["checkpoint_bytes"] == data["written"]["total_bytes"]
+    assert r["peak_bytes"] > r["runtime_bytes"] > 0 and r["model_bytes"] > 0
+    assert [p.name for p in tmp_path.iterdir()] == ["out.json"]  # the checkpoint is gone
+    assert "target: the whole load under 8.00 GB" in capsys.readouterr().out

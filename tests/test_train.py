@@ -201,3 +201,35 @@ def test_cli_explains_bad_arguments(tmp_path):
     assert result.returncode == 2 and "lora_r=abc" in result.stderr
     result = run_cli("finetune", "--preset", "smollm2-cpu")
     assert result.returncode == 2 and "--out" in result.stderr
+
+
+# --------------------------------------------------------------------------- #
+# Reading a checkpoint back runs no code
+# --------------------------------------------------------------------------- #
+class _RunsCode:
+    """A pickled object that calls os.mkdir(path) when it is unpickled."""
+
+    def __init__(self, path):
+        self.path = str(path)
+
+    def __reduce__(self):
+        return (os.mkdir, (self.path,))
+
+
+def test_a_checkpoint_that_would_run_code_is_refused(uninterrupted, small_data, tmp_path):
+    import shutil
+
+    out, _ = uninterrupted
+    run = tmp_path / "run"
+    shutil.copytree(out / "checkpoint-4", run / "checkpoint-4")
+    state = run / "checkpoint-4" / "training_state.pt"
+    marker = tmp_path / "code-ran"
+    saved = torch.load(state, weights_only=True)
+    saved["rng"]["python"] = _RunsCode(marker)
+    torch.save(saved, state)
+    with pytest.raises(ValueError, match=r"training_state\.pt holds Python objects besides tensors and plain data, "
+                                         r"which could run code while loading, so it was refused"):
+        train(tiny_config(small_data), run, progress="none", resume=True)
+    assert not marker.exists()
+    torch.load(state, weights_only=False)  # what the course used to do: the file's code runs
+    assert marker.is_dir()

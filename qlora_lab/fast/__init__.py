@@ -1,0 +1,14 @@
+"""Speed, not course material.
+
+Each module here does what a readable function elsewhere in the package defines,
+faster, and a test proves the two equal (bit for bit where the reference is exact,
+within a stated tolerance where only the order of floating-point operations
+differs). Read the chapters' modules to learn QLoRA; read these to see what was
+worth optimising on a 2-core CPU, and by how much.
+
+- :mod:`qlora_lab.fast.loss`: the training loss with the output layer applied only
+  where a label is (the reference: ``model(**batch).loss``). SmolLM2's output layer
+  is a fifth of the model's multiplications, and the course trains on the
+  assistant's tokens only, so most of that fifth is skipped: measured on a QLoRA
+  step of chapter 07 (batch 8, 2 threads), see that module.
+"""
