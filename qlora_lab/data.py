@@ -468,13 +468,15 @@ def prompt_ids(messages: list[dict], tokenizer) -> list[int]:
 
 @torch.no_grad()
 def generate(model, tokenizer, conversations: Sequence[list[dict]], max_new_tokens: int = 32,
-             batch_size: int = 16, eot_id: int | None = None) -> list[str]:
+             batch_size: int = 64, eot_id: int | None = None) -> list[str]:
     """Greedy replies to each conversation (a list of messages; a trailing
     assistant message is ignored), decoded up to the end-of-turn token.
 
     Prompts are sorted by length and batched with left padding (so every row's
     last prompt token is at the same position and generation continues from
-    there); the model is put in eval mode and restored afterwards.
+    there); the model is put in eval mode and restored afterwards. Batches are
+    large by default: every generated token runs the whole model once per
+    batch, and with 4-bit layers that means dequantizing every weight again.
     """
     eot = end_of_turn_id(tokenizer) if eot_id is None else eot_id
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eot
@@ -524,7 +526,7 @@ class ScoreReport:
 
 
 def score(model, tokenizer, records: Sequence[dict], max_new_tokens: int = 32,
-          batch_size: int = 16) -> ScoreReport:
+          batch_size: int = 64) -> ScoreReport:
     """Generate a reply for every scored record (:func:`generate`) and check it
     against its ``answer`` (:func:`is_correct`)."""
     records = list(records)

@@ -18,7 +18,6 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-PYTHON_REQUIRED = (3, 11)
 FIX_HINT = "run `make lab` (or `pip install -e '.[course]'`) to install the pinned versions"
 
 
@@ -36,20 +35,33 @@ class Check:
         return f"[{status}] {self.name:<14} {self.found:<12} (expected {self.expected})"
 
 
+def _pyproject() -> dict:
+    import tomllib
+
+    pyproject = Path(__file__).resolve().parent.parent / "pyproject.toml"
+    return tomllib.loads(pyproject.read_text())["project"]
+
+
 def _requirement_lines() -> list[str]:
     """The package's declared requirements: from the installed metadata, or
     from pyproject.toml when running from a source checkout."""
     try:
         return metadata.requires("qlora-lab") or []
     except metadata.PackageNotFoundError:
-        import tomllib
-
-        pyproject = Path(__file__).resolve().parent.parent / "pyproject.toml"
-        project = tomllib.loads(pyproject.read_text())["project"]
+        project = _pyproject()
         lines = list(project["dependencies"])
         for extra, reqs in project.get("optional-dependencies", {}).items():
             lines += [f'{r}; extra == "{extra}"' for r in reqs]
         return lines
+
+
+def supported_pythons() -> str:
+    """The Python versions the course supports, as pyproject.toml's ``requires-python``
+    says (``>=3.11,<3.15``): every pin has wheels for each of them."""
+    try:
+        return metadata.metadata("qlora-lab")["Requires-Python"]
+    except metadata.PackageNotFoundError:
+        return _pyproject()["requires-python"]
 
 
 def pinned_versions() -> dict[str, str]:
@@ -79,21 +91,32 @@ def check_packages() -> list[Check]:
     return checks
 
 
-def check_python() -> Check:
-    found = f"{sys.version_info.major}.{sys.version_info.minor}"
-    expected = ".".join(map(str, PYTHON_REQUIRED))
-    return Check("python", sys.version_info[:2] == PYTHON_REQUIRED, found, expected)
+def check_python(version_info=sys.version_info) -> Check:
+    from packaging.specifiers import SpecifierSet
+
+    found = f"{version_info[0]}.{version_info[1]}"
+    spec = SpecifierSet(supported_pythons())
+    versions = [f"3.{minor}" for minor in range(40) if spec.contains(f"3.{minor}")]
+    return Check("python", spec.contains(found), found, f"{versions[0]} to {versions[-1]}")
 
 
 def device_summary() -> str:
-    """Which accelerator torch sees: CUDA (with name and memory), MPS, or CPU."""
+    """Which accelerator torch sees: CUDA (with name, memory and bfloat16 support),
+    MPS (Apple Silicon's GPU), or the CPU alone."""
     import torch
 
     if torch.cuda.is_available():
         props = torch.cuda.get_device_properties(0)
-        return f"CUDA: {props.name}, {props.total_memory / 2**30:.0f} GiB (x{torch.cuda.device_count()})"
-    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
-        return "MPS (Apple GPU)"
+        bf16 = "bfloat16 supported" if torch.cuda.is_bf16_supported() else (
+            "no bfloat16: use --set compute_dtype=float16")
+        return (f"CUDA: {props.name}, {props.total_memory / 2**30:.0f} GiB "
+                f"(x{torch.cuda.device_count()}), {bf16}")
+    mps = getattr(torch.backends, "mps", None)
+    if mps is not None and mps.is_available():
+        return ("MPS (Apple Silicon GPU): the course's own 4-bit layers run there; "
+                "bitsandbytes' 4-bit kernels and paged optimizers need CUDA")
+    if mps is not None and mps.is_built():
+        return "CPU only (this PyTorch has MPS, but no MPS device is available: macOS 14 or newer on Apple Silicon)"
     return "CPU only (no CUDA or MPS device)"
 
 

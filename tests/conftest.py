@@ -1,5 +1,8 @@
 """Shared fixtures: the real model is loaded once per test session."""
 
+import tempfile
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -26,3 +29,13 @@ def tiny():
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+def pytest_collection_finish(session):
+    """Start the pinned-set resolutions of tests/test_python_versions.py as soon as the
+    tests are known: they wait on PyPI, not on the CPU, so the other tests run meanwhile."""
+    if any(item.nodeid.startswith("tests/test_python_versions.py::test_every_pin") for item in session.items):
+        from wheel_resolution import RESOLUTIONS, AllResolutions
+
+        root = Path(tempfile.mkdtemp(prefix="qlora-lab-resolve-"))
+        session.config.stash[RESOLUTIONS] = AllResolutions(root)

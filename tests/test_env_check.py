@@ -68,3 +68,11 @@ def test_runs_as_a_module():
     assert result.returncode == 0, result.stdout + result.stderr
     assert "All checks passed." in result.stdout
     assert result.stderr == "", f"the check should print nothing on stderr: {result.stderr}"
+
+
+@pytest.mark.parametrize("version, ok", [((3, 10), False), ((3, 11), True), ((3, 13), True), ((3, 14), True),
+                                         ((3, 15), False)])
+def test_python_versions_come_from_requires_python(version, ok):
+    check = env_check.check_python(version)
+    assert check.ok is ok and check.found == f"{version[0]}.{version[1]}"
+    assert check.expected == "3.11 to 3.14"
