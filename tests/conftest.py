@@ -26,6 +26,23 @@ def tiny():
     return tiny_llama(seed=0)
 
 
+@pytest.fixture(scope="module")
+def small_data(tmp_path_factory):
+    """A small copy of the course data set (train 48, validation 8 records), for
+    training runs in tests/test_train.py and tests/test_backends.py."""
+    import json
+
+    from qlora_lab import data as data_lib
+
+    splits = data_lib.load_dataset(splits=("train", "validation"))
+    directory = tmp_path_factory.mktemp("data")
+    for name, records in [("train", splits["train"][:48]), ("validation", splits["validation"][:8])]:
+        with open(directory / f"{name}.jsonl", "w") as f:
+            for r in records:
+                f.write(json.dumps(r) + "\n")
+    return directory
+
+
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)

@@ -15,7 +15,6 @@ import torch
 from safetensors.torch import load_file
 
 import qlora_lab  # noqa: F401  (before bitsandbytes)
-from qlora_lab import data as data_lib
 from qlora_lab import smoke
 from qlora_lab.__main__ import main
 from qlora_lab.backends import resolve_backend
@@ -35,18 +34,6 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module")
-def small_data(tmp_path_factory):
-    """A small copy of the course data set (train 48, validation 8 records)."""
-    splits = data_lib.load_dataset(splits=("train", "validation"))
-    directory = tmp_path_factory.mktemp("data")
-    for name, records in [("train", splits["train"][:48]), ("validation", splits["validation"][:8])]:
-        with open(directory / f"{name}.jsonl", "w") as f:
-            for r in records:
-                f.write(json.dumps(r) + "\n")
-    return directory
 
 
 def tiny_config(data_dir, backend: str, **overrides) -> TrainConfig:

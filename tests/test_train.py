@@ -19,18 +19,6 @@ from qlora_lab.train import TrainConfig, latest_checkpoint, preset, train
 ROOT = Path(__file__).resolve().parent.parent
 
 
-@pytest.fixture(scope="module")
-def small_data(tmp_path_factory):
-    """A small copy of the course data set (train 48, validation 8 records)."""
-    splits = data_lib.load_dataset(splits=("train", "validation"))
-    directory = tmp_path_factory.mktemp("data")
-    for name, records in [("train", splits["train"][:48]), ("validation", splits["validation"][:8])]:
-        with open(directory / f"{name}.jsonl", "w") as f:
-            for r in records:
-                f.write(json.dumps(r) + "\n")
-    return directory
-
-
 def tiny_config(data_dir, **overrides) -> TrainConfig:
     settings = dict(model="tiny-llama", data=str(data_dir), max_steps=6, batch_size=4, gradient_accumulation_steps=2,
                     max_length=64, lora_dropout=0.1, eval_every=3, save_every=2, eval_examples=8,
