@@ -17,24 +17,22 @@ That costs 8/64 + 32/(64 * 256) = 0.127 bits per parameter instead of 0.5
 Compared with bitsandbytes 0.50.2 (``quantize_4bit(..., compress_statistics=True)``
 on CPU): the mean offset and the second-level absmax are identical, and so is
 every dequantized weight once our state goes through ``to_bnb()``. The 8-bit
-codes differ in about 0.15-0.2 % of places, and only where bitsandbytes does
-not pick the nearest code: its CPU kernel rounds the scaled value to a uniform
-grid of 65536 points on [-1, 1] (step 3.05e-5) and looks the code up from the
-grid point. The dynamic map's codes near zero are 1e-7 to 1e-5 apart, so near
-zero several codes share one grid cell and the kernel can land up to four codes
-away; elsewhere it only errs for values within half a grid step of a midpoint.
-We take the exact nearest code (ties to the lower one), so our error is never
-larger. ``tests/test_double_quant.py`` reproduces bitsandbytes' codes exactly
-with a model of that grid look-up.
+indices differ in about 0.15-0.2 % of places, and only where bitsandbytes does
+not pick the nearest value: its CPU kernel rounds the scaled value to a uniform
+grid of 65536 points on [-1, 1] (step 3.05e-5) and looks the index up from the
+grid point. The dynamic map's values near zero are 1e-7 to 1e-5 apart, so near
+zero several values share one grid cell and the kernel can land up to four
+indices away; elsewhere it only errs for values within half a grid step of a
+midpoint. We take the exact nearest value (ties to the lower one), so our error
+is never larger. ``tests/test_double_quant.py`` reproduces bitsandbytes'
+indices exactly with a model of that grid look-up.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 
-from qlora_lab import nf4
+from qlora_lab.blockwise import NestedState, QuantState, blockwise_absmax, dequantize_blockwise, nearest_code, scale_blocks
 
 #: Block sizes for the second level (bitsandbytes' ``quantize_blockwise``
 #: documents 64 .. 4096; QLoRA and bitsandbytes' 4-bit path use 256).
@@ -85,88 +83,64 @@ def dynamic_map(signed: bool = True) -> torch.Tensor:
 
 
 # --------------------------------------------------------------------------- #
-# The nested state
+# Quantizing the constants
 # --------------------------------------------------------------------------- #
-@dataclass
-class NestedState:
-    """Second-level state of double quantization: the mean ``offset`` (a 0-dim
-    float32 tensor), one float32 ``absmax`` per block of ``blocksize`` codes,
-    and the 8-bit ``code`` table (:func:`dynamic_map`). The 8-bit codes
-    themselves are the ``absmax`` of the 4-bit :class:`qlora_lab.nf4.QuantState`,
-    as in bitsandbytes."""
-
-    absmax: torch.Tensor
-    offset: torch.Tensor
-    code: torch.Tensor
-    blocksize: int = 256
-
-
 def double_quantize(absmax: torch.Tensor, blocksize: int = 256) -> tuple[torch.Tensor, NestedState]:
     """Quantize the float32 block constants of a 4-bit tensor (QLoRA Sec. 3,
-    "Double Quantization"): ``(codes, nested)``.
+    "Double Quantization"): ``(absmax_indices, nested)``.
 
-    ``offset = absmax.mean()``; the centred constants ``absmax - offset`` are cut
-    into blocks of ``blocksize`` (the last block may be shorter), each block is
-    divided by its own absolute maximum (multiplying by the float32 reciprocal,
-    as bitsandbytes does) and every value becomes the index (uint8) of the
-    *nearest* value of :func:`dynamic_map`, ties to the lower one. A block whose
-    constants all equal the mean has absmax 0 and stores the code of 0.
+    ``offset = absmax.mean()``; the centred constants ``absmax - offset`` are
+    quantized block-wise (:mod:`qlora_lab.blockwise`) to :func:`dynamic_map`:
+    cut into blocks of ``blocksize`` (the last block may be shorter), each
+    block multiplied by the float32 reciprocal of its own absmax (as
+    bitsandbytes does), and every value replaced by the index (uint8) of the
+    *nearest* value of the map, ties to the lower one (midpoints in float64,
+    so "nearest" is exact). A block whose constants all equal the mean has
+    absmax 0 and stores the index of 0.
     """
     _check_absmax(absmax)
     _check_nested_blocksize(blocksize)
     absmax = absmax.detach()
     offset = absmax.mean()
     centred = absmax - offset
-    nested_absmax = _nested_block_absmax(centred, blocksize)
-    scaled = _scale(centred, nested_absmax, blocksize)
+    nested_absmax = blockwise_absmax(centred, blocksize)
     code = dynamic_map(signed=True).to(absmax.device)
-    codes = nearest_code_exact(scaled, code)
-    return codes, NestedState(absmax=nested_absmax, offset=offset, code=code, blocksize=blocksize)
+    indices = nearest_code(scale_blocks(centred, nested_absmax, blocksize), code, midpoint_dtype=torch.float64)
+    return indices, NestedState(absmax=nested_absmax, offset=offset, code=code, blocksize=blocksize)
 
 
-def double_dequantize(codes: torch.Tensor, nested: NestedState) -> torch.Tensor:
-    """The float32 block constants back: ``code[codes] * absmax[block] + offset``,
+def double_dequantize(absmax_indices: torch.Tensor, nested: NestedState) -> torch.Tensor:
+    """The float32 block constants back: ``code[index] * absmax[block] + offset``,
     in float32, in that order (bitsandbytes' ``dequantize_blockwise`` followed
     by ``+= offset``, so the result is the same to the bit)."""
     if not isinstance(nested, NestedState):
         raise TypeError(f"double_dequantize needs a NestedState, got {type(nested).__name__}")
-    if not isinstance(codes, torch.Tensor) or codes.dtype != torch.uint8 or codes.dim() != 1:
-        raise ValueError(f"double_dequantize needs the 1-D uint8 codes returned by double_quantize, got "
-                         f"{getattr(codes, 'dtype', type(codes).__name__)} of shape "
-                         f"{tuple(getattr(codes, 'shape', ()))}")
-    expected_blocks = -(-codes.numel() // nested.blocksize)
+    if (not isinstance(absmax_indices, torch.Tensor) or absmax_indices.dtype != torch.uint8
+            or absmax_indices.dim() != 1):
+        raise ValueError(f"double_dequantize needs the 1-D uint8 indices returned by double_quantize, got "
+                         f"{getattr(absmax_indices, 'dtype', type(absmax_indices).__name__)} of shape "
+                         f"{tuple(getattr(absmax_indices, 'shape', ()))}")
+    expected_blocks = -(-absmax_indices.numel() // nested.blocksize)
     if nested.absmax.numel() != expected_blocks:
-        raise ValueError(f"{codes.numel()} codes in blocks of {nested.blocksize} need {expected_blocks} second-level "
-                         f"absmax values, got {nested.absmax.numel()}")
-    values = nf4.dequantize_blockwise(codes, nested.absmax, nested.code, nested.blocksize)
-    return values + nested.offset
-
-
-def nearest_code_exact(values: torch.Tensor, code: torch.Tensor) -> torch.Tensor:
-    """Index (uint8) of the entry of the sorted ``code`` nearest to each value,
-    ties to the lower entry. Exact for float32 inputs: midpoints and
-    comparisons in float64, where the sum of two float32 numbers and half of
-    it are exact."""
-    if code.numel() > 256 or not bool(torch.all(code[1:] >= code[:-1])):
-        raise ValueError("nearest_code_exact needs a sorted code table of at most 256 values")
-    code64 = code.double()
-    midpoints = (code64[:-1] + code64[1:]) / 2
-    return torch.bucketize(values.double(), midpoints).to(torch.uint8)
+        raise ValueError(f"{absmax_indices.numel()} indices in blocks of {nested.blocksize} need {expected_blocks} "
+                         f"second-level absmax values, got {nested.absmax.numel()}")
+    return dequantize_blockwise(absmax_indices, nested.absmax, nested.code, nested.blocksize) + nested.offset
 
 
 # --------------------------------------------------------------------------- #
 # Storage cost
 # --------------------------------------------------------------------------- #
-def storage_bytes(packed: torch.Tensor, state: nf4.QuantState, include_tables: bool = False) -> int:
+def storage_bytes(packed: torch.Tensor, state: QuantState, include_tables: bool = False) -> int:
     """Bytes a 4-bit tensor occupies, counted from the tensors themselves:
-    the packed weights, the per-block constants (float32, or uint8 codes with
+    the packed weights, the per-block constants (float32, or uint8 indices with
     double quantization) and, when double-quantized, the second-level float32
     absmax and the float32 offset. ``include_tables`` adds the code tables
     (16 float32 values, plus 256 for the dynamic map), which are the same for
     every tensor of a model and so are usually left out (as in the paper)."""
-    tensors = [packed, state.absmax]
-    if state.nested is not None:
-        tensors += [state.nested.absmax, state.nested.offset]
+    if state.nested is None:
+        tensors = [packed, state.absmax]
+    else:
+        tensors = [packed, state.absmax_indices, state.nested.absmax, state.nested.offset]
     if include_tables:
         tensors.append(state.code)
         if state.nested is not None:
@@ -174,7 +148,7 @@ def storage_bytes(packed: torch.Tensor, state: nf4.QuantState, include_tables: b
     return sum(t.numel() * t.element_size() for t in tensors)
 
 
-def bits_per_parameter(packed: torch.Tensor, state: nf4.QuantState, include_tables: bool = False) -> float:
+def bits_per_parameter(packed: torch.Tensor, state: QuantState, include_tables: bool = False) -> float:
     """``8 * storage_bytes(...) / number of quantized elements``: 4.5 for NF4
     with blocks of 64, about 4.127 with double quantization (QLoRA Sec. 3)."""
     return 8 * storage_bytes(packed, state, include_tables) / state.numel
@@ -189,28 +163,8 @@ def expected_bits_per_parameter(blocksize: int = 64, double_quant: bool = False,
 
 
 # --------------------------------------------------------------------------- #
-# Helpers and checks
+# Checks
 # --------------------------------------------------------------------------- #
-def _nested_block_absmax(values: torch.Tensor, blocksize: int) -> torch.Tensor:
-    """Absolute maximum of each block of 1-D ``values`` (the last block may be
-    shorter; no clamping, as in bitsandbytes' C kernel)."""
-    n = values.numel()
-    full = n - n % blocksize
-    blocks = values[:full].view(-1, blocksize)
-    absmax = torch.maximum(blocks.amax(dim=1), blocks.amin(dim=1).neg_()).abs_()
-    if full < n:
-        absmax = torch.cat([absmax, values[full:].abs().max().reshape(1)])
-    return absmax
-
-
-def _scale(values: torch.Tensor, absmax: torch.Tensor, blocksize: int) -> torch.Tensor:
-    """``values * (1 / absmax)`` per block in float32; a zero absmax leaves
-    zeros (the reciprocal is taken of ``max(absmax, 1e-38)``)."""
-    reciprocal = 1.0 / absmax.clamp(min=1e-38)
-    per_value = reciprocal.repeat_interleave(blocksize)[: values.numel()]
-    return values * per_value
-
-
 def _check_absmax(absmax: torch.Tensor) -> None:
     if not isinstance(absmax, torch.Tensor):
         raise TypeError(f"double_quantize needs a torch.Tensor of block constants, got {type(absmax).__name__}")
@@ -234,5 +188,5 @@ def _check_nested_blocksize(blocksize: int) -> None:
 
 __all__ = [
     "NESTED_BLOCKSIZES", "NestedState", "bits_per_parameter", "double_dequantize", "double_quantize",
-    "dynamic_map", "expected_bits_per_parameter", "nearest_code_exact", "storage_bytes",
+    "dynamic_map", "expected_bits_per_parameter", "storage_bytes",
 ]

@@ -36,10 +36,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from qlora_lab.nf4 import QuantState, dequantize_4bit, quantize_4bit
+from qlora_lab import nf4
+from qlora_lab.blockwise import NestedState, QuantState
+from qlora_lab.fast import nf4 as fast_nf4
 
 __all__ = [
     "DequantizeLinear",
+    "dequantize",
     "LinearNF4",
     "QuantizationReport",
     "default_compute_dtype",
@@ -59,6 +62,15 @@ def default_compute_dtype(device: torch.device | str | None = None) -> torch.dty
     return torch.bfloat16 if device.type == "cuda" else torch.float32
 
 
+def dequantize(packed: torch.Tensor, state: QuantState) -> torch.Tensor:
+    """The training path's 4-bit dequantization: the hand-written fast one,
+    or the readable definition while ``torch.compile`` traces (see
+    ``bench/quantize.py`` for which is faster)."""
+    if torch.compiler.is_compiling():
+        return nf4.dequantize_4bit(packed, state)
+    return fast_nf4.dequantize_4bit(packed, state)
+
+
 class DequantizeLinear(torch.autograd.Function):
     """``y = x W^T + b`` with ``W`` dequantized from 4 bits on the fly.
 
@@ -70,12 +82,17 @@ class DequantizeLinear(torch.autograd.Function):
 
     This is what bitsandbytes' ``MatMul4Bit`` does (its backward also
     dequantizes again and skips the weight gradient).
+
+    Eagerly, the weight is dequantized by :func:`qlora_lab.fast.nf4.dequantize_4bit`;
+    under ``torch.compile`` the readable :func:`qlora_lab.nf4.dequantize_4bit`
+    is traced instead (the fast one uses numpy and Python threads, which the
+    compiler cannot trace). Both give the same bits.
     """
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, packed: torch.Tensor, state: QuantState,
                 bias: torch.Tensor | None) -> torch.Tensor:
-        weight = dequantize_4bit(packed, state).to(x.dtype)
+        weight = dequantize(packed, state).to(x.dtype)
         ctx.state = state
         ctx.bias_dtype = None if bias is None else bias.dtype
         ctx.save_for_backward(packed)
@@ -86,7 +103,7 @@ class DequantizeLinear(torch.autograd.Function):
         (packed,) = ctx.saved_tensors
         grad_x = grad_bias = None
         if ctx.needs_input_grad[0]:
-            weight = dequantize_4bit(packed, ctx.state).to(grad_output.dtype)
+            weight = dequantize(packed, ctx.state).to(grad_output.dtype)
             grad_x = grad_output @ weight
         if ctx.needs_input_grad[3]:
             grad_bias = grad_output.reshape(-1, grad_output.shape[-1]).sum(0).to(ctx.bias_dtype)
@@ -120,10 +137,12 @@ class LinearNF4(nn.Module):
         self.blocksize = state.blocksize
         self.weight_dtype = state.dtype
         self.register_buffer("weight", packed)
-        self.register_buffer("absmax", state.absmax)
         self.register_buffer("code", state.code)
         self.double_quant = state.nested is not None
-        if self.double_quant:
+        if not self.double_quant:
+            self.register_buffer("absmax", state.absmax)
+        else:
+            self.register_buffer("absmax_indices", state.absmax_indices)
             self.register_buffer("nested_absmax", state.nested.absmax)
             self.register_buffer("nested_offset", torch.as_tensor(state.nested.offset, dtype=torch.float32))
             self.register_buffer("nested_code", state.nested.code)
@@ -138,8 +157,8 @@ class LinearNF4(nn.Module):
         of 64) into a new layer; the bias, if any, is kept as it is."""
         if not isinstance(linear, nn.Linear):
             raise TypeError(f"LinearNF4.from_linear needs an nn.Linear, got {type(linear).__name__}")
-        packed, state = quantize_4bit(linear.weight, blocksize=blocksize, quant_type=quant_type,
-                                      double_quant=double_quant)
+        packed, state = fast_nf4.quantize_4bit(linear.weight, blocksize=blocksize, quant_type=quant_type,
+                                               double_quant=double_quant)
         return cls(linear.in_features, linear.out_features, packed, state, linear.bias,
                    compute_dtype or default_compute_dtype(linear.weight.device))
 
@@ -147,15 +166,13 @@ class LinearNF4(nn.Module):
     def quant_state(self) -> QuantState:
         """The weight's :class:`qlora_lab.nf4.QuantState`, built from the buffers
         (so it follows the layer through ``.to(device)``)."""
-        nested = None
-        if self.double_quant:
-            from qlora_lab.double_quant import NestedState
-
-            nested = NestedState(absmax=self.nested_absmax, offset=self.nested_offset,
-                                 code=self.nested_code, blocksize=self.nested_blocksize)
-        return QuantState(absmax=self.absmax, shape=torch.Size((self.out_features, self.in_features)),
-                          dtype=self.weight_dtype, blocksize=self.blocksize, quant_type=self.quant_type,
-                          code=self.code, nested=nested)
+        common = dict(shape=torch.Size((self.out_features, self.in_features)), dtype=self.weight_dtype,
+                      blocksize=self.blocksize, quant_type=self.quant_type, code=self.code)
+        if not self.double_quant:
+            return QuantState(**common, absmax=self.absmax)
+        nested = NestedState(absmax=self.nested_absmax, offset=self.nested_offset, code=self.nested_code,
+                             blocksize=self.nested_blocksize)
+        return QuantState(**common, absmax_indices=self.absmax_indices, nested=nested)
 
     @property
     def quantized_weight_numel(self) -> int:
@@ -165,7 +182,7 @@ class LinearNF4(nn.Module):
 
     def dequantized_weight(self) -> torch.Tensor:
         """``doubleDequant(c1, c2, W)`` of Eq. (6), in the compute dtype."""
-        return dequantize_4bit(self.weight, self.quant_state).to(self.compute_dtype)
+        return dequantize(self.weight, self.quant_state).to(self.compute_dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         bias = None if self.bias is None else self.bias.to(self.compute_dtype)
