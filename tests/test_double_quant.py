@@ -4,8 +4,8 @@
 import pytest
 import torch
 
+from qlora_lab import blockwise, nf4
 from qlora_lab import double_quant as dq
-from qlora_lab import nf4
 
 import bitsandbytes.functional as bnbf  # noqa: E402  (after qlora_lab)
 
@@ -19,8 +19,8 @@ def eager_bnb():
 def bnb_nested(absmax):
     """bitsandbytes' double quantization of ``absmax``, as its quantize_4bit does it."""
     offset = absmax.mean()
-    codes, state2 = bnbf.quantize_blockwise(absmax - offset, blocksize=256)
-    return offset, codes, state2
+    indices, state2 = bnbf.quantize_blockwise(absmax - offset, blocksize=256)
+    return offset, indices, state2
 
 
 def bnb_grid_lookup_model(scaled, code):
@@ -75,48 +75,48 @@ def test_dynamic_map_layout():
 def test_offset_and_nested_absmax_identical_codes_agree_where_bnb_is_nearest():
     total, agreeing = 0, 0
     for absmax in many_absmax():
-        codes, nested = dq.double_quantize(absmax)
-        offset, bnb_codes, state2 = bnb_nested(absmax)
+        indices, nested = dq.double_quantize(absmax)
+        offset, bnb_indices, state2 = bnb_nested(absmax)
         assert torch.equal(nested.offset, offset)
         assert torch.equal(nested.absmax, state2.absmax)
         assert torch.equal(nested.code, state2.code) and nested.blocksize == state2.blocksize == 256
-        scaled = dq._scale(absmax - offset, nested.absmax, 256).double()
+        scaled = blockwise.scale_blocks(absmax - offset, nested.absmax, 256).double()
         code = nested.code.double()
-        ours_distance = (code[codes.long()] - scaled).abs()
-        bnb_distance = (code[bnb_codes.long()] - scaled).abs()
+        ours_distance = (code[indices.long()] - scaled).abs()
+        bnb_distance = (code[bnb_indices.long()] - scaled).abs()
         assert torch.all(ours_distance <= bnb_distance)  # ours is always a nearest code
         bnb_is_nearest = bnb_distance == ours_distance
-        tie = ((code[(codes.long() + 1).clamp(max=255)] - scaled).abs() == ours_distance) & (codes < 255)
-        assert torch.equal(codes[bnb_is_nearest & ~tie], bnb_codes[bnb_is_nearest & ~tie])
-        total += codes.numel()
-        agreeing += (codes == bnb_codes).sum().item()
+        tie = ((code[(indices.long() + 1).clamp(max=255)] - scaled).abs() == ours_distance) & (indices < 255)
+        assert torch.equal(indices[bnb_is_nearest & ~tie], bnb_indices[bnb_is_nearest & ~tie])
+        total += indices.numel()
+        agreeing += (indices == bnb_indices).sum().item()
     agreement = agreeing / total
-    print(f"8-bit codes equal to bitsandbytes': {agreement:.4%} of {total}")
+    print(f"8-bit indices equal to bitsandbytes': {agreement:.4%} of {total}")
     assert 0.99 < agreement < 1.0  # bitsandbytes' grid look-up misses the nearest code in ~0.15-0.2 %
 
 
 def test_bitsandbytes_codes_are_a_65536_point_grid_lookup():
-    """The explanation of the disagreement, checked: bitsandbytes' CPU codes are
+    """The explanation of the disagreement, checked: bitsandbytes' CPU indices are
     exactly those of a look-up on a uniform grid of 65536 points."""
     wrong, magnitude = [], []
     for absmax in many_absmax():
-        offset, bnb_codes, state2 = bnb_nested(absmax)
-        scaled = dq._scale(absmax - offset, state2.absmax, 256)
-        assert torch.equal(bnb_codes, bnb_grid_lookup_model(scaled, state2.code))
-        codes, _ = dq.double_quantize(absmax)
-        wrong.append(codes != bnb_codes)
+        offset, bnb_indices, state2 = bnb_nested(absmax)
+        scaled = blockwise.scale_blocks(absmax - offset, state2.absmax, 256)
+        assert torch.equal(bnb_indices, bnb_grid_lookup_model(scaled, state2.code))
+        indices, _ = dq.double_quantize(absmax)
+        wrong.append(indices != bnb_indices)
         magnitude.append(scaled.abs())
     wrong, magnitude = torch.cat(wrong).float(), torch.cat(magnitude)
-    # misses concentrate near zero, where the codes are closer together than the grid step 2/65535
+    # misses concentrate near zero, where the indices are closer together than the grid step 2/65535
     assert wrong[magnitude < 0.01].mean() > 5 * wrong[magnitude > 0.1].mean()
 
 
 def test_our_reconstruction_error_is_no_larger_than_bitsandbytes():
     for absmax in many_absmax():
-        codes, nested = dq.double_quantize(absmax)
-        offset, bnb_codes, state2 = bnb_nested(absmax)
-        ours = dq.double_dequantize(codes, nested)
-        theirs = bnbf.dequantize_blockwise(bnb_codes, state2) + offset
+        indices, nested = dq.double_quantize(absmax)
+        offset, bnb_indices, state2 = bnb_nested(absmax)
+        ours = dq.double_dequantize(indices, nested)
+        theirs = bnbf.dequantize_blockwise(bnb_indices, state2) + offset
         ours_error = (ours.double() - absmax.double()).pow(2).sum()
         their_error = (theirs.double() - absmax.double()).pow(2).sum()
         assert ours_error <= their_error
@@ -125,21 +125,21 @@ def test_our_reconstruction_error_is_no_larger_than_bitsandbytes():
 
 def test_double_dequantize_is_bitsandbytes_arithmetic():
     for absmax in many_absmax():
-        codes, nested = dq.double_quantize(absmax)
+        indices, nested = dq.double_quantize(absmax)
         bnb_state2 = bnbf.QuantState(absmax=nested.absmax, code=nested.code, blocksize=256, dtype=torch.float32)
-        theirs = bnbf.dequantize_blockwise(codes, bnb_state2) + nested.offset
-        assert torch.equal(dq.double_dequantize(codes, nested), theirs)
+        theirs = bnbf.dequantize_blockwise(indices, bnb_state2) + nested.offset
+        assert torch.equal(dq.double_dequantize(indices, nested), theirs)
 
 
 def test_constant_tensor_gives_zero_nested_absmax():
     absmax = torch.full((600,), 0.25)
-    codes, nested = dq.double_quantize(absmax)
+    indices, nested = dq.double_quantize(absmax)
     assert torch.equal(nested.absmax, torch.zeros(3)) and nested.offset == 0.25
-    assert torch.all(nested.code[codes.long()] == 0)  # ours stores the code of 0
-    offset, bnb_codes, state2 = bnb_nested(absmax)
-    assert torch.all(bnb_codes == 0)  # bitsandbytes stores code 0 (-0.993); irrelevant, the scale is 0
-    assert torch.equal(dq.double_dequantize(codes, nested), absmax)
-    assert torch.equal(bnbf.dequantize_blockwise(bnb_codes, state2) + offset, absmax)
+    assert torch.all(nested.code[indices.long()] == 0)  # ours stores the code of 0
+    offset, bnb_indices, state2 = bnb_nested(absmax)
+    assert torch.all(bnb_indices == 0)  # bitsandbytes stores code 0 (-0.993); irrelevant, the scale is 0
+    assert torch.equal(dq.double_dequantize(indices, nested), absmax)
+    assert torch.equal(bnbf.dequantize_blockwise(bnb_indices, state2) + offset, absmax)
 
 
 # --------------------------------------------------------------------------- #
@@ -155,14 +155,15 @@ def test_quantize_4bit_double_quant_round_trips_through_bitsandbytes(dtype, quan
         bnb_packed, bnb_state = bnbf.quantize_4bit(x, blocksize=blocksize, quant_type=quant_type,
                                                    compress_statistics=True)
         assert torch.equal(packed, bnb_packed)
-        assert state.absmax.dtype == torch.uint8 and state.nested is not None
+        assert state.absmax is None and state.absmax_indices.dtype == torch.uint8 and state.nested is not None
+        assert state.block_absmax().dtype == torch.float32
         assert torch.equal(state.nested.offset, bnb_state.offset)
         assert torch.equal(state.nested.absmax, bnb_state.state2.absmax)
         ours = nf4.dequantize_4bit(packed, state)
         converted = state.to_bnb()
         assert converted.nested and converted.state2.blocksize == 256
         assert torch.equal(bnbf.dequantize_4bit(packed, converted).reshape(x.shape), ours)
-        # and the other way: bitsandbytes' state (with its own 8-bit codes) read by us
+        # and the other way: bitsandbytes' state (with its own 8-bit indices) read by us
         theirs = bnbf.dequantize_4bit(bnb_packed, bnb_state).reshape(x.shape)
         assert torch.equal(nf4.dequantize_4bit(bnb_packed, nf4.QuantState.from_bnb(bnb_state)), theirs)
 
@@ -221,10 +222,24 @@ def test_bad_blocksizes():
 
 
 def test_bad_double_dequantize_arguments():
-    codes, nested = dq.double_quantize(torch.rand(1000))
+    indices, nested = dq.double_quantize(torch.rand(1000))
     with pytest.raises(ValueError, match="uint8"):
-        dq.double_dequantize(codes.int(), nested)
+        dq.double_dequantize(indices.int(), nested)
     with pytest.raises(ValueError, match="need 8 second-level"):
-        dq.double_dequantize(torch.cat([codes, codes]), nested)
+        dq.double_dequantize(torch.cat([indices, indices]), nested)
     with pytest.raises(TypeError, match="NestedState"):
-        dq.double_dequantize(codes, {"absmax": nested.absmax})
+        dq.double_dequantize(indices, {"absmax": nested.absmax})
+
+
+def test_double_quant_has_no_import_cycle_with_nf4():
+    """double_quant is built on blockwise alone; nf4 (the 4-bit API that
+    handles the nested state) imports it, not the other way round."""
+    import ast
+    from pathlib import Path
+
+    tree = ast.parse(Path(dq.__file__).read_text())
+    imported = {node.module for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)}
+    imported |= {alias.name for node in ast.walk(tree) if isinstance(node, ast.Import) for alias in node.names}
+    imported |= {f"qlora_lab.{alias.name}" for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)
+                 and node.module == "qlora_lab" for alias in node.names}
+    assert "qlora_lab.nf4" not in imported and "qlora_lab.blockwise" in imported

@@ -72,3 +72,148 @@ def test_a_batch_without_labels_is_refused(tiny):
     batch["labels"].fill_(IGNORE)
     with pytest.raises(ValueError, match="without a labelled token"):
         causal_lm_loss(tiny, **batch)
+
+
+# --------------------------------------------------------------------------- #
+# 4-bit quantization: qlora_lab.fast.nearest, .decode and .nf4 against the
+# readable definitions in qlora_lab.blockwise and qlora_lab.nf4, bit for bit
+# --------------------------------------------------------------------------- #
+import threading  # noqa: E402
+
+from qlora_lab import blockwise, nf4  # noqa: E402
+from qlora_lab.fast import decode as fast_decode  # noqa: E402
+from qlora_lab.fast import nf4 as fast_nf4  # noqa: E402
+from qlora_lab.fast.nearest import nearest_code_table  # noqa: E402
+
+CODES = {"nf4": nf4.normal_float_code(4), "fp4": nf4.fp4_code(), "int4": nf4.int4_code(),
+         "nf3": nf4.normal_float_code(3), "nf2": nf4.normal_float_code(2),
+         "nf4sym": nf4.normal_float_code(4, symmetric=True), "fp3": nf4.float_code(2, 0), "int3": nf4.integer_code(3)}
+FLOATS = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def adversarial_values(code: torch.Tensor) -> torch.Tensor:
+    """Random values and the awkward ones: every threshold and the floats a few
+    ulps either side of it, the edges of the table's 65,536 cells, +-0,
+    subnormals, +-1 and just beyond, +-inf."""
+    t = blockwise.code_thresholds(code)
+    near = (t.view(torch.int32)[:, None] + torch.arange(-3, 4, dtype=torch.int32)).view(torch.float32).reshape(-1)
+    near = near[~near.isnan()]
+    cell_edges = torch.arange(-32768, 32768, dtype=torch.int32) << 16
+    cell_edges = torch.cat([cell_edges, cell_edges | 0xFFFF]).view(torch.float32)
+    cell_edges = cell_edges[~cell_edges.isnan()]
+    special = torch.tensor([-1.0, 1.0, 0.0, -0.0, 1e-45, -1e-45, 1.0000001, -1.0000001, float("inf"), -float("inf")])
+    return torch.cat([torch.rand(100_000, generator=torch.Generator().manual_seed(0)) * 2.2 - 1.1, near,
+                      cell_edges, t, special])
+
+
+@pytest.mark.parametrize("name", list(CODES))
+def test_nearest_code_table_equals_nearest_code(name):
+    code = CODES[name]
+    table = nearest_code_table(code)
+    assert table.exact_lookup
+    values = adversarial_values(code)
+    expected = blockwise.nearest_code(values, code)
+    assert torch.equal(table(values), expected)
+    assert torch.equal(table(values[::2]), expected[::2])  # non-contiguous input
+
+
+def test_nearest_code_table_falls_back_to_bucketize_for_a_dense_code():
+    code = torch.cat([torch.linspace(-1, 1, 9), torch.tensor([0.501, 0.502])])  # thresholds 0.5005, 0.5015
+    table = nearest_code_table(code)
+    assert not table.exact_lookup
+    values = adversarial_values(code)
+    assert torch.equal(table(values), blockwise.nearest_code(values, code))
+
+
+def awkward_tensors(dtype):
+    """Odd sizes, all-zero blocks (full and partial), -0.0, values on the
+    thresholds, tiny (subnormal) and huge absmax."""
+    g = torch.Generator().manual_seed(1)
+    nf4_thresholds = blockwise.code_thresholds(nf4.normal_float_code())
+    yield torch.randn(3, 333, generator=g)
+    yield torch.randn(1, generator=g)
+    yield torch.randn(4097, generator=g) * 1e4
+    yield torch.cat([torch.zeros(128), torch.randn(100, generator=g), torch.zeros(30)])
+    yield torch.cat([-torch.zeros(64), torch.randn(64, generator=g)])
+    yield torch.cat([torch.tensor([1.0]), nf4_thresholds, -nf4_thresholds, torch.zeros(33)])
+    yield torch.randn(2, 5, 7, generator=g) * torch.finfo(dtype).tiny * 8
+    yield torch.randn(1000, generator=g).clamp(-4, 4) * (torch.finfo(dtype).max / 4)
+
+
+@pytest.mark.parametrize("dtype", FLOATS, ids=str)
+@pytest.mark.parametrize("quant_type", nf4.QUANT_TYPES)
+def test_fast_quantize_and_dequantize_equal_the_definitions(dtype, quant_type):
+    for blocksize in (32, 64, 4096):
+        for x in awkward_tensors(dtype):
+            x = x.to(dtype)
+            for double_quant in (False, True):
+                packed, state = nf4.quantize_4bit(x, blocksize, quant_type, double_quant)
+                fast_packed, fast_state = fast_nf4.quantize_4bit(x, blocksize, quant_type, double_quant)
+                assert torch.equal(fast_packed, packed)
+                assert torch.equal(fast_state.block_absmax(), state.block_absmax())
+                assert torch.equal(fast_nf4.absmax_4bit(x, blocksize), nf4.absmax_4bit(x, blocksize))
+                values = nf4.dequantize_4bit(packed, state)
+                fast_values = fast_nf4.dequantize_4bit(packed, state)
+                assert fast_values.dtype == values.dtype and fast_values.shape == values.shape
+                assert torch.equal(fast_values.view(torch.uint8), values.view(torch.uint8))  # the bits, -0.0 too
+
+
+@pytest.mark.parametrize("dtype", FLOATS, ids=str)
+def test_fast_scaling_equals_the_definition(dtype):
+    for x in awkward_tensors(dtype):
+        x = x.to(dtype)
+        for blocksize in (32, 64, 4096):
+            absmax = nf4.absmax_4bit(x, blocksize)
+            expected = blockwise.scale_blocks(x, absmax, blocksize, divide_partial_block=True)
+            assert torch.equal(fast_nf4.scale_4bit(x, absmax, blocksize), expected)
+
+
+@pytest.mark.parametrize("dtype", FLOATS, ids=str)
+@pytest.mark.parametrize("threads", [1, 3])
+def test_decode_in_pieces_and_threads_equals_the_definition(dtype, threads, monkeypatch):
+    """Large tensors are decoded piece by piece, split between threads; with
+    tiny pieces and every tensor split, nothing may change (pieces start on
+    block boundaries)."""
+    g = torch.Generator().manual_seed(11)
+    shapes = [((37, 45), 64), ((4097,), 32), ((3, 1000), 256), ((5, 999), 4096), ((64, 301), 128)]
+    saved_threads = torch.get_num_threads()
+    try:
+        for shape, blocksize in shapes:
+            x = torch.randn(shape, generator=g).to(dtype)
+            packed, state = nf4.quantize_4bit(x, blocksize=blocksize, double_quant=blocksize == 32)
+            reference = nf4.dequantize_4bit(packed, state)
+            monkeypatch.setattr(fast_decode, "DECODE_CHUNK", 2048)
+            monkeypatch.setattr(fast_decode, "PARALLEL_MIN_BYTES", 1)
+            torch.set_num_threads(threads)
+            pieces = fast_nf4.dequantize_4bit(packed, state)
+            torch.set_num_threads(saved_threads)
+            monkeypatch.undo()
+            assert torch.equal(pieces, reference)
+    finally:
+        torch.set_num_threads(saved_threads)
+
+
+def test_decode_reports_an_error_raised_in_a_helper_thread(monkeypatch):
+    """An exception inside a helper thread reaches the caller (it is not lost
+    with the thread)."""
+    packed, state = nf4.quantize_4bit(torch.randn(64, 128))
+    monkeypatch.setattr(fast_decode, "DECODE_CHUNK", 1024)
+    monkeypatch.setattr(fast_decode, "PARALLEL_MIN_BYTES", 1)
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 2)
+    real = fast_decode.decode_range
+
+    def failing_in_helpers(*args):
+        if threading.current_thread() is not threading.main_thread():
+            raise RuntimeError("helper failed")
+        real(*args)
+
+    monkeypatch.setattr(fast_decode, "decode_range", failing_in_helpers)
+    with pytest.raises(RuntimeError, match="helper failed"):
+        fast_nf4.dequantize_4bit(packed, state)
+
+
+def test_byte_pair_table_holds_both_nibbles():
+    code = nf4.normal_float_code()
+    pairs = fast_decode.byte_pair_table(code).view(torch.float32).view(256, 2)
+    byte = torch.arange(256)
+    assert torch.equal(pairs[:, 0], code[byte >> 4]) and torch.equal(pairs[:, 1], code[byte & 0xF])

@@ -1,14 +1,13 @@
 """qlora_lab.nf4 against bitsandbytes 0.50.2 on CPU: data types, packed bytes,
 absmax and dequantized values, bit for bit (torch.equal)."""
 
-import copy
 import math
-import threading
 
 import pytest
 import torch
 
 from qlora_lab import nf4
+from qlora_lab.fast import nf4 as fast_nf4
 
 import bitsandbytes.functional as bnbf  # noqa: E402  (after qlora_lab, see CONTRIBUTING)
 from bitsandbytes.backends.cpu import ops as bnb_cpu_ops  # noqa: E402
@@ -28,12 +27,16 @@ def eager_bnb():
 
 
 def assert_same_as_bnb(x, blocksize, quant_type):
+    """The readable definition and the fast path (qlora_lab.fast.nf4) both give
+    bitsandbytes' bytes and absmax."""
     packed, state = nf4.quantize_4bit(x, blocksize=blocksize, quant_type=quant_type)
     bnb_packed, bnb_state = bnbf.quantize_4bit(x, blocksize=blocksize, quant_type=quant_type)
     assert packed.dtype == torch.uint8 and packed.shape == bnb_packed.shape
     assert torch.equal(packed, bnb_packed), f"packed bytes differ ({quant_type}, block {blocksize}, {x.dtype})"
     assert state.absmax.dtype == torch.float32
     assert torch.equal(state.absmax, bnb_state.absmax), "absmax differs"
+    fast_packed, fast_state = fast_nf4.quantize_4bit(x, blocksize=blocksize, quant_type=quant_type)
+    assert torch.equal(fast_packed, packed) and torch.equal(fast_state.absmax, state.absmax), "fast path differs"
     return packed, state
 
 
@@ -149,46 +152,26 @@ def test_float_and_integer_codes():
 # --------------------------------------------------------------------------- #
 @pytest.mark.parametrize("quant_type", BNB_TYPES)
 def test_thresholds_and_order_are_bitsandbytes(quant_type):
-    table = nf4.nearest_code_table(nf4.code_for(quant_type))
+    code = nf4.code_for(quant_type)
     bounds, order = _get_4bit_quantize_bounds(quant_type, torch.device("cpu"))
-    assert torch.equal(table.thresholds, bounds) and torch.equal(table.order, order)
+    assert torch.equal(nf4.code_thresholds(code), bounds) and torch.equal(torch.argsort(code, stable=True), order)
 
 
-@pytest.mark.parametrize("code", [nf4.normal_float_code(4), nf4.fp4_code(), nf4.int4_code(),
-                                  nf4.normal_float_code(3), nf4.normal_float_code(2),
-                                  nf4.normal_float_code(4, symmetric=True), nf4.float_code(2, 0),
-                                  nf4.integer_code(3)], ids=["nf4", "fp4", "int4", "nf3", "nf2", "nf4sym",
-                                                             "fp3", "int3"])
-def test_lookup_equals_bucketize(code):
-    table = nf4.nearest_code_table(code)
-    assert table.exact_lookup
-    t = table.thresholds
-    near = (t.view(torch.int32)[:, None] + torch.arange(-3, 4, dtype=torch.int32)).view(torch.float32).reshape(-1)
-    near = near[~near.isnan()]  # stepping the bits of 0.0 down gives NaN patterns
-    cell_edges = (torch.arange(-32768, 32768, 7, dtype=torch.int32) << 16).view(torch.float32)
-    cell_edges = cell_edges[cell_edges.abs() <= 1.5]
-    values = torch.cat([torch.rand(200_000) * 2.2 - 1.1, near, cell_edges, t,
-                        torch.tensor([-1.0, 1.0, 0.0, -0.0, 1e-45, -1e-45, 1.0000001, -1.0000001])])
-    expected = table.order[torch.bucketize(values, t)].to(torch.uint8)
-    assert torch.equal(table(values), expected)
-    assert torch.equal(table(values[::2]), expected[::2])
+@pytest.mark.parametrize("quant_type", nf4.QUANT_TYPES)
+def test_nearest_code_is_nearest(quant_type):
+    code = nf4.code_for(quant_type)
+    x = torch.rand(10_000) * 2.2 - 1.1
+    indices = nf4.nearest_code(x, code)
+    assert indices.dtype == torch.uint8
+    assert torch.equal(code[indices.long()], code[(x[:, None] - code).abs().argmin(1)])  # same value (FP4: +-0)
 
 
 def test_value_on_threshold_goes_to_lower_code():
     code = nf4.normal_float_code(4)
-    thresholds = nf4.nearest_code_table(code).thresholds
+    thresholds = nf4.code_thresholds(code)
     x = torch.cat([torch.tensor([1.0]), thresholds])  # absmax 1, so the values are scaled by exactly 1
     packed, _ = assert_same_as_bnb(x, 64, "nf4")
     assert nf4.unpack_nibbles(packed)[1:16].tolist() == list(range(15))
-
-
-def test_dense_code_falls_back_to_bucketize():
-    code = torch.cat([torch.linspace(-1, 1, 9), torch.tensor([0.501, 0.502])])  # thresholds 0.5005, 0.5015
-    table = nf4.nearest_code_table(code)
-    assert not table.exact_lookup
-    x = torch.rand(10_000) * 2 - 1
-    assert torch.equal(table(x), table.order[torch.bucketize(x, table.thresholds)].to(torch.uint8))
-    assert torch.equal(code[table(x).long()], code[(x[:, None] - code).abs().argmin(1)])  # truly nearest
 
 
 # --------------------------------------------------------------------------- #
@@ -237,8 +220,7 @@ def test_quantize_adversarial_values(dtype, quant_type):
 def rule_sensitive_values(code, count=40, seed=3):
     """(absmax, values) such that bucketize(x * (1/absmax)) != bucketize(x / absmax):
     values whose bucket depends on bitsandbytes' rounding rule."""
-    table = nf4.nearest_code_table(code)
-    t = table.thresholds
+    t = nf4.code_thresholds(code)
     generator = torch.Generator().manual_seed(seed)
     while True:
         absmax = torch.rand(1, generator=generator) * 10 + 0.5
@@ -520,50 +502,6 @@ def test_fake_quantize_linear_layers(tiny):
     assert max(torch.unique(block).numel() for block in values) <= 8  # NF3: 8 values per block
 
 
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("threads", [1, 3])
-def test_dequantize_in_several_pieces(dtype, threads, monkeypatch):
-    """dequantize_4bit decodes large tensors piece by piece, split between
-    threads; with tiny pieces, and every tensor split, the result must not
-    change (pieces start on block boundaries)."""
-    torch.manual_seed(11)
-    shapes = [((37, 45), 64), ((4097,), 32), ((3, 1000), 256), ((5, 999), 4096), ((64, 301), 128)]
-    saved_threads = torch.get_num_threads()
-    try:
-        for shape, blocksize in shapes:
-            x = torch.randn(shape).to(dtype)
-            packed, state = nf4.quantize_4bit(x, blocksize=blocksize, double_quant=blocksize == 32)
-            whole = nf4.dequantize_4bit(packed, state)
-            monkeypatch.setattr(nf4, "_DECODE_CHUNK", 2048)
-            monkeypatch.setattr(nf4, "_PARALLEL_MIN_BYTES", 1)
-            torch.set_num_threads(threads)
-            pieces = nf4.dequantize_4bit(packed, state)
-            torch.set_num_threads(saved_threads)
-            monkeypatch.undo()
-            assert torch.equal(pieces, whole) and torch.equal(whole, flattened_block_reference(packed, state))
-    finally:
-        torch.set_num_threads(saved_threads)
-
-
-def test_dequantize_reports_an_error_raised_in_a_helper_thread(monkeypatch):
-    """An exception inside a helper thread reaches the caller (it is not lost
-    with the thread)."""
-    packed, state = nf4.quantize_4bit(torch.randn(64, 128))
-    monkeypatch.setattr(nf4, "_DECODE_CHUNK", 1024)
-    monkeypatch.setattr(nf4, "_PARALLEL_MIN_BYTES", 1)
-    monkeypatch.setattr(torch, "get_num_threads", lambda: 2)
-    real = nf4._decode_range
-
-    def failing_in_helpers(*args):
-        if threading.current_thread() is not threading.main_thread():
-            raise RuntimeError("helper failed")
-        real(*args)
-
-    monkeypatch.setattr(nf4, "_decode_range", failing_in_helpers)
-    with pytest.raises(RuntimeError, match="helper failed"):
-        nf4.dequantize_4bit(packed, state)
-
-
 def test_benchmark_script_runs_small():
     import subprocess
     import sys
@@ -576,22 +514,3 @@ def test_benchmark_script_runs_small():
     assert "quantize" in done.stdout and "dequantize" in done.stdout and "ratio" in done.stdout
     bad = subprocess.run([sys.executable, str(script), "--size", "0"], capture_output=True, text=True, timeout=120)
     assert bad.returncode == 2 and "positive integer" in bad.stderr
-
-
-def test_fake_quantize_all_at_once_equals_weight_by_weight(tiny):
-    """All weights a whole number of blocks: one call for all of them; one weight
-    that is not (blocks of 4096): weight by weight. Both must equal per-weight
-    quantization."""
-    reference = {n: m.weight.detach().clone() for n, m in tiny.named_modules()
-                 if isinstance(m, torch.nn.Linear) and n != "lm_head"}
-    for blocksize, code in [(64, None), (4096, None), (64, nf4.normal_float_code(3))]:
-        model = copy.deepcopy(tiny)
-        nf4.fake_quantize_linear_layers(model, "fp4", blocksize=blocksize, code=code)
-        for name, module in model.named_modules():
-            if name in reference:
-                w = reference[name]
-                if code is None:
-                    expected = nf4.dequantize_4bit(*nf4.quantize_4bit(w, blocksize, "fp4"))
-                else:
-                    expected = nf4.dequantize_blockwise(*nf4.quantize_blockwise(w, code, blocksize), code, blocksize, w.shape)
-                assert torch.equal(module.weight, expected), (name, blocksize)

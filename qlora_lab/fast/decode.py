@@ -82,7 +82,7 @@ def decode_packed(packed: torch.Tensor, absmax: torch.Tensor, code: torch.Tensor
     if device.type != "cpu" or flat.numel() < PARALLEL_MIN_BYTES:
         # One thread, one step: PyTorch's own threads share the copy and the
         # multiplication, and there is no per-step overhead.
-        _decode_range(flat, 0, flat.numel(), max(flat.numel(), 1), pairs, absmax, blocksize, n, out)
+        decode_range(flat, 0, flat.numel(), max(flat.numel(), 1), pairs, absmax, blocksize, n, out)
         return out[:n]
     steps = -(-flat.numel() // DECODE_CHUNK)
     workers = max(1, min(torch.get_num_threads(), steps))
@@ -90,9 +90,9 @@ def decode_packed(packed: torch.Tensor, absmax: torch.Tensor, code: torch.Tensor
     ranges = [(start, min(start + per_worker, flat.numel())) for start in range(0, flat.numel(), per_worker)]
 
     def decode(bounds: tuple[int, int]) -> None:
-        _decode_range(flat, bounds[0], bounds[1], DECODE_CHUNK, pairs, absmax, blocksize, n, out)
+        decode_range(flat, bounds[0], bounds[1], DECODE_CHUNK, pairs, absmax, blocksize, n, out)
 
-    helpers = [threading.Thread(target=_run_catching, args=(decode, bounds)) for bounds in ranges[1:]]
+    helpers = [threading.Thread(target=run_catching, args=(decode, bounds)) for bounds in ranges[1:]]
     for helper in helpers:
         helper.start()
     decode(ranges[0])
@@ -104,7 +104,7 @@ def decode_packed(packed: torch.Tensor, absmax: torch.Tensor, code: torch.Tensor
     return out[:n]
 
 
-def _run_catching(fn, *args) -> None:
+def run_catching(fn, *args) -> None:
     """Run ``fn(*args)`` in a helper thread, keeping an exception on the
     thread object for the caller to raise."""
     thread = threading.current_thread()
@@ -115,7 +115,7 @@ def _run_catching(fn, *args) -> None:
         thread.error = error
 
 
-def _decode_range(flat: torch.Tensor, start: int, stop: int, chunk: int, pairs: torch.Tensor,
+def decode_range(flat: torch.Tensor, start: int, stop: int, chunk: int, pairs: torch.Tensor,
                   absmax: torch.Tensor, blocksize: int, n: int, out: torch.Tensor) -> None:
     """Decode bytes ``start:stop`` of ``flat`` into ``out``, ``chunk`` bytes at a
     time (``start`` and ``chunk`` on block boundaries): the bytes become int32
