@@ -3,13 +3,22 @@
     .venv/bin/python bench/quantize.py                 # 4096 x 4096 float32, NF4, blocks of 64
     .venv/bin/python bench/quantize.py --size 256 --runs 3 --quant-type fp4
 
-Both libraries get the same input; before timing, the script checks that they
-produce the same bytes, absmax and dequantized values (so the race is between
-equal results). Each operation runs once to warm up, then ``--runs`` times,
-alternating ours and bitsandbytes' so that both see the same machine load; the
-median is reported. ``ratio`` is bitsandbytes' time over ours: above 1 means
-ours is faster. Timings depend on the machine and on whatever else runs on it:
-the load average is printed with the results.
+Four implementations get the same input:
+
+* ``fast``: ``qlora_lab.fast.nf4``, the hand-written fast path that the
+  training path (``LinearNF4``, ``quantize_model``) runs;
+* ``readable``: ``qlora_lab.nf4``, the chapter's definitions, run eagerly;
+* ``compiled``: the same definitions under ``torch.compile(fullgraph=True)``
+  (compiled during the warm-up run; ``--no-compile`` leaves it out);
+* ``bnb``: ``bitsandbytes.functional``.
+
+Before timing, the script checks that all of them produce the same bytes,
+absmax and dequantized values (so the race is between equal results). Each
+operation runs once to warm up, then ``--runs`` times, the implementations
+alternating so that all see the same machine load; the median is reported.
+A ratio is bitsandbytes' time over the implementation's: above 1 means it is
+faster than bitsandbytes. Timings depend on the machine and on whatever else
+runs on it: the load average is printed with the results.
 """
 
 from __future__ import annotations
@@ -25,6 +34,7 @@ import torch
 
 import qlora_lab  # noqa: F401  (before bitsandbytes: silences a CPU-dependent warning)
 from qlora_lab import nf4
+from qlora_lab.fast import nf4 as fast_nf4
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _shared import positive_int  # noqa: E402
@@ -46,6 +56,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--threads", type=positive_int, default=None,
                         help="torch.set_num_threads for the run (default: PyTorch's choice)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the random matrix (default 0)")
+    parser.add_argument("--no-compile", action="store_true",
+                        help="leave out the torch.compile'd readable definitions (compiling takes tens of seconds)")
     return parser.parse_args(argv)
 
 
@@ -74,33 +86,46 @@ def main(argv: list[str] | None = None) -> int:
     x = torch.randn(args.size, args.size).to(dtype)
     kwargs = dict(blocksize=args.blocksize, quant_type=args.quant_type)
 
+    quantizers = {"fast": lambda: fast_nf4.quantize_4bit(x, **kwargs),
+                  "readable": lambda: nf4.quantize_4bit(x, **kwargs)}
     packed, state = nf4.quantize_4bit(x, **kwargs)
+    dequantizers = {"fast": lambda: fast_nf4.dequantize_4bit(packed, state),
+                    "readable": lambda: nf4.dequantize_4bit(packed, state)}
+    if not args.no_compile:
+        compiled_quantize = torch.compile(nf4.quantize_4bit, fullgraph=True, dynamic=False)
+        compiled_dequantize = torch.compile(nf4.dequantize_4bit, fullgraph=True, dynamic=False)
+        quantizers["compiled"] = lambda: compiled_quantize(x, **kwargs)
+        dequantizers["compiled"] = lambda: compiled_dequantize(packed, state)
     bnb_packed, bnb_state = bnbf.quantize_4bit(x, **kwargs)
-    if not (torch.equal(packed, bnb_packed) and torch.equal(state.absmax, bnb_state.absmax)):
-        print("error: qlora_lab and bitsandbytes quantized differently; not timing", file=sys.stderr)
-        return 1
-    ours = nf4.dequantize_4bit(packed, state)
-    theirs = bnbf.dequantize_4bit(bnb_packed, bnb_state)
-    if not torch.equal(ours, theirs.reshape(ours.shape)):
-        print("error: qlora_lab and bitsandbytes dequantized differently; not timing", file=sys.stderr)
-        return 1
+    quantizers["bnb"] = lambda: bnbf.quantize_4bit(x, **kwargs)
+    dequantizers["bnb"] = lambda: bnbf.dequantize_4bit(bnb_packed, bnb_state)
 
-    quantize = median_seconds({"ours": lambda: nf4.quantize_4bit(x, **kwargs),
-                               "bnb": lambda: bnbf.quantize_4bit(x, **kwargs)}, args.runs)
-    dequantize = median_seconds({"ours": lambda: nf4.dequantize_4bit(packed, state),
-                                 "bnb": lambda: bnbf.dequantize_4bit(bnb_packed, bnb_state)}, args.runs)
+    for name, quantize in quantizers.items():
+        their_packed, their_state = quantize()
+        if not (torch.equal(their_packed, packed) and torch.equal(their_state.absmax, state.absmax)):
+            print(f"error: {name} and qlora_lab.nf4 quantized differently; not timing", file=sys.stderr)
+            return 1
+    values = nf4.dequantize_4bit(packed, state)
+    for name, dequantize in dequantizers.items():
+        if not torch.equal(dequantize().reshape(values.shape), values):
+            print(f"error: {name} and qlora_lab.nf4 dequantized differently; not timing", file=sys.stderr)
+            return 1
+
+    quantize = median_seconds(quantizers, args.runs)
+    dequantize = median_seconds(dequantizers, args.runs)
 
     n = x.numel()
     load = ", ".join(f"{v:.2f}" for v in os.getloadavg())
     print(f"{args.size} x {args.size} {args.dtype}, {args.quant_type}, blocks of {args.blocksize}, "
           f"median of {args.runs} runs, {torch.get_num_threads()} threads, load average {load}")
-    print(f"{'operation':<12}{'ours ms':>10}{'bnb ms':>10}{'ours Melem/s':>15}{'bnb Melem/s':>14}"
-          f"{'ratio ours/bnb':>16}")
-    for name, times in (("quantize", quantize), ("dequantize", dequantize)):
-        print(f"{name:<12}{times['ours'] * 1e3:>10.1f}{times['bnb'] * 1e3:>10.1f}"
-              f"{n / times['ours'] / 1e6:>15.1f}{n / times['bnb'] / 1e6:>14.1f}"
-              f"{times['bnb'] / times['ours']:>16.2f}")
-    print("ratio = throughput of ours / throughput of bitsandbytes (above 1: ours is faster)")
+    names = [name for name in quantizers if name != "bnb"]
+    print(f"{'operation':<12}" + "".join(f"{name + ' ms':>14}" for name in [*names, "bnb"])
+          + "".join(f"{'ratio ' + name:>16}" for name in names))
+    for operation, times in (("quantize", quantize), ("dequantize", dequantize)):
+        print(f"{operation:<12}" + "".join(f"{times[name] * 1e3:>14.1f}" for name in [*names, "bnb"])
+              + "".join(f"{times['bnb'] / times[name]:>16.2f}" for name in names))
+    print(f"{n / 1e6:.1f} M values; ratio = bitsandbytes' time / the implementation's "
+          f"(above 1: faster than bitsandbytes). The training path runs 'fast'.")
     return 0
 
 

@@ -74,8 +74,6 @@ The functions here are the definitions, written to be read (and traced by
 
 from __future__ import annotations
 
-import functools
-
 import torch
 
 from qlora_lab import double_quant as dq
@@ -224,12 +222,7 @@ def float_code(exponent_bits: int, mantissa_bits: int) -> torch.Tensor:
 def code_for(quant_type: str) -> torch.Tensor:
     """The 16-value code of ``"nf4"``, ``"fp4"`` or ``"int4"``, in index order."""
     _check_quant_type(quant_type)
-    return _cached_code(quant_type).clone()
-
-
-@functools.lru_cache(maxsize=None)
-def _cached_code(quant_type: str) -> torch.Tensor:
-    return {"nf4": normal_float_code, "fp4": fp4_code, "int4": int4_code}[quant_type]()
+    return CODES[quant_type].clone()
 
 
 # --------------------------------------------------------------------------- #
@@ -282,7 +275,7 @@ def quantize_4bit(x: torch.Tensor, blocksize: int = 64, quant_type: str = "nf4",
     """
     check_quantize_4bit_arguments(x, blocksize, quant_type, double_quant)
     x = x.detach()
-    code = _cached_code(quant_type).to(x.device)
+    code = CODES[quant_type].to(x.device)
     absmax = absmax_4bit(x, blocksize)
     _check_finite(absmax, "quantize_4bit")
     indices = nearest_code(scale_blocks(x, absmax, blocksize, divide_partial_block=True), code)
@@ -293,7 +286,7 @@ def make_state(x: torch.Tensor, absmax: torch.Tensor, blocksize: int, quant_type
                double_quant: bool) -> QuantState:
     """The :class:`QuantState` of ``x`` quantized with ``absmax``; with
     ``double_quant`` the absmax are quantized again (blocks of 256)."""
-    code = _cached_code(quant_type).to(x.device, copy=True)
+    code = CODES[quant_type].to(x.device, copy=True)
     if not double_quant:
         return QuantState(x.shape, x.dtype, blocksize, quant_type, code, absmax=absmax)
     absmax_indices, nested = dq.double_quantize(absmax)
@@ -404,12 +397,20 @@ def _check_blocksize(blocksize: int) -> None:
 
 def _check_finite(absmax: torch.Tensor, name: str) -> None:
     # A NaN or an infinity anywhere in a block makes that block's absmax NaN or inf.
-    if not torch.isfinite(absmax).all():
-        raise ValueError(f"{name} got a tensor containing NaN or infinity; quantization needs finite values "
-                         f"(find them with torch.isfinite(x))")
+    message = (f"{name} got a tensor containing NaN or infinity; quantization needs finite values "
+               f"(find them with torch.isfinite(x))")
+    if torch.compiler.is_compiling():  # a branch on a tensor's value cannot be traced: check when it runs
+        torch._assert_async(torch.isfinite(absmax).all(), message)
+    elif not torch.isfinite(absmax).all():
+        raise ValueError(message)
 
+
+#: The three 4-bit codes, built once at import (``code_for`` hands out copies),
+#: so that nothing is built while torch.compile traces quantize_4bit.
+CODES = {"nf4": normal_float_code(4), "fp4": fp4_code(), "int4": int4_code()}
 
 __all__ = [
+    "CODES",
     "BLOCKSIZES", "FLOAT_DTYPES", "NF4_OFFSET", "QUANT_TYPES", "QuantState", "absmax_4bit", "blockwise_absmax",
     "check_dequantize_4bit_arguments", "check_quantize_4bit_arguments", "code_for", "code_thresholds",
     "dequantize_4bit", "dequantize_blockwise", "fake_quantize_linear_layers", "float_code", "fp4_code",

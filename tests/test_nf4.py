@@ -508,7 +508,7 @@ def test_benchmark_script_runs_small():
     from pathlib import Path
 
     script = Path(__file__).resolve().parent.parent / "bench" / "quantize.py"
-    done = subprocess.run([sys.executable, str(script), "--size", "64", "--runs", "1"],
+    done = subprocess.run([sys.executable, str(script), "--size", "64", "--runs", "1", "--no-compile"],
                           capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     assert "quantize" in done.stdout and "dequantize" in done.stdout and "ratio" in done.stdout
