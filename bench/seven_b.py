@@ -100,7 +100,7 @@ def quantize_linear_layers(model, std: float, seed: int, compute_dtype: torch.dt
     quantizing."""
     from torch import nn
 
-    from qlora_lab.nf4 import quantize_4bit
+    from qlora_lab.fast.nf4 import quantize_4bit
     from qlora_lab.qlora import LinearNF4
 
     head = model.get_output_embeddings()

@@ -64,7 +64,7 @@ __all__ = [
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_FILE_NAME = "model.safetensors"
 QUANTIZE_TEMPORARY_BYTES = 13
-"""Bytes per weight that :func:`qlora_lab.nf4.quantize_4bit` allocates on top
+"""Bytes per weight that :func:`qlora_lab.fast.nf4.quantize_4bit` allocates on top
 of its input: the float32 scaled values (4), the int32 look-up cells reused
 for the comparison (4), the float32 thresholds (4) and the uint8 codes (1)."""
 
@@ -194,7 +194,7 @@ def load_quantized(path: str | Path, *, dtype: torch.dtype = torch.float32, comp
     :func:`qlora_lab.qlora.quantize_model`. ``progress(done, total)`` is
     called after each tensor. The model is in eval mode on ``device``.
     """
-    from qlora_lab.nf4 import quantize_4bit
+    from qlora_lab.fast.nf4 import quantize_4bit
     from qlora_lab.qlora import LinearNF4, linear_layer_names
 
     started = time.perf_counter()

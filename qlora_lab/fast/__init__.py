@@ -21,7 +21,7 @@ worth optimising on a 2-core CPU, and by how much.
 - :mod:`qlora_lab.fast.nearest`: the nearest code by a 65,536-cell table
   (upper 16 bits of the float32) and one comparison, instead of
   ``torch.bucketize``'s binary search per value on one core. Reference:
-  ``blockwise.nearest_code``. Measured 4.4x faster on 16.8 M values (637 ms
+  ``blockwise.nearest_code``. Measured 4.4x faster on 16.8 M values (636 ms
   against 2,817 ms, one thread, same load).
 - :mod:`qlora_lab.fast.decode`: one gather in a 256-entry byte-pair table
   decodes both nibbles of a byte, outputs in 2 MiB pages (numpy's
