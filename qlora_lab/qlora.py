@@ -115,7 +115,9 @@ class LinearNF4(nn.Module):
 
     Holds the packed weight (``weight``, uint8, two values per byte, exactly
     as bitsandbytes stores it) and its quantization state as buffers, never
-    the full-precision weight. ``forward`` casts the input to
+    the full-precision weight: ``code`` and either ``absmax`` (float32, one
+    per block) or, double-quantized, ``absmax_indices`` (uint8) with
+    ``nested_absmax``, ``nested_offset`` and ``nested_code``. ``forward`` casts the input to
     ``compute_dtype``, runs :class:`DequantizeLinear`, and casts the result
     back to the input's dtype.
 
