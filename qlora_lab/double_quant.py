@@ -32,7 +32,8 @@ from __future__ import annotations
 
 import torch
 
-from qlora_lab.blockwise import NestedState, QuantState, blockwise_absmax, dequantize_blockwise, nearest_code, scale_blocks
+from qlora_lab.blockwise import (NestedState, QuantState, blockwise_absmax, dequantize_blockwise, nearest_code,
+                                 scale_blocks)
 
 #: Block sizes for the second level (bitsandbytes' ``quantize_blockwise``
 #: documents 64 .. 4096; QLoRA and bitsandbytes' 4-bit path use 256).
