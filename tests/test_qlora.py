@@ -396,3 +396,18 @@ def test_smollm2_quantized_by_us_is_as_close_as_transformers(our_smollm2, bnb_sm
     for name in names:
         for a, b in zip(grads_ours[name], grads_theirs[name]):
             assert (a - b).norm() < 0.05 * b.norm(), name
+
+
+def test_the_training_path_runs_the_fast_functions(monkeypatch):
+    """LinearNF4 quantizes and (eagerly) dequantizes with qlora_lab.fast.nf4,
+    which tests/test_fast.py proves equal to the readable definitions."""
+    from qlora_lab.fast import nf4 as fast_nf4
+
+    calls = []
+    for name in ("quantize_4bit", "dequantize_4bit"):
+        real = getattr(fast_nf4, name)
+        monkeypatch.setattr(fast_nf4, name,
+                            lambda *args, _real=real, _name=name, **kwargs: (calls.append(_name), _real(*args, **kwargs))[1])
+    layer = LinearNF4.from_linear(nn.Linear(64, 32))
+    layer(torch.randn(2, 64))
+    assert calls == ["quantize_4bit", "dequantize_4bit"]
