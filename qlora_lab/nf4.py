@@ -67,8 +67,9 @@ Inconsistencies of bitsandbytes (0.50.2) found while matching it
 Speed
 -----
 The functions here are the definitions, written to be read (and traced by
-``torch.compile``). The training path (:mod:`qlora_lab.qlora`) runs
-:mod:`qlora_lab.fast.nf4`, which returns the same bits faster;
+``torch.compile``). The training path (:mod:`qlora_lab.qlora`) and fake quantization of
+whole models (:mod:`qlora_lab.fake_quant`) run :mod:`qlora_lab.fast.nf4`,
+which returns the same bits faster;
 ``bench/quantize.py`` measures the three against bitsandbytes.
 """
 
@@ -221,7 +222,7 @@ def float_code(exponent_bits: int, mantissa_bits: int) -> torch.Tensor:
 
 def code_for(quant_type: str) -> torch.Tensor:
     """The 16-value code of ``"nf4"``, ``"fp4"`` or ``"int4"``, in index order."""
-    _check_quant_type(quant_type)
+    check_quant_type(quant_type)
     return CODES[quant_type].clone()
 
 
@@ -303,43 +304,6 @@ def dequantize_4bit(packed: torch.Tensor, state: QuantState) -> torch.Tensor:
 
 
 # --------------------------------------------------------------------------- #
-# Fake quantization of a model
-# --------------------------------------------------------------------------- #
-@torch.no_grad()
-def fake_quantize_linear_layers(model: torch.nn.Module, quant_type: str = "nf4", blocksize: int = 64,
-                                double_quant: bool = False, code: torch.Tensor | None = None,
-                                skip: tuple[str, ...] = ("lm_head",)) -> int:
-    """Replace the weight of every ``nn.Linear`` of ``model`` (in place) by its
-    quantized-then-dequantized value, ``dequantize_4bit(*quantize_4bit(w))``.
-
-    This is *fake* quantization: the model still stores and computes in its
-    float dtype, but every weight now holds only values the data type can
-    represent, so its outputs are those of the quantized model (QLoRA's layer,
-    chapter 05, dequantizes the same values on the fly instead). With ``code``
-    (any table, e.g. ``normal_float_code(3)``) the weights are quantized to
-    that code with :func:`quantize_blockwise` and ``quant_type`` is ignored.
-    Layers whose qualified name ends with an entry of ``skip`` are left alone
-    (the output layer, tied to the embeddings in SmolLM2; QLoRA keeps it in
-    16 bits too). Returns the number of weights replaced.
-    """
-    if code is None:
-        _check_quant_type(quant_type)
-        _check_blocksize(blocksize)
-    weights = [module.weight for name, module in model.named_modules()
-               if isinstance(module, torch.nn.Linear) and not any(name.endswith(s) for s in skip)]
-
-    def round_trip(w: torch.Tensor) -> torch.Tensor:
-        if code is None:
-            return dequantize_4bit(*quantize_4bit(w, blocksize, quant_type, double_quant))
-        indices, absmax = quantize_blockwise(w, code, blocksize)
-        return dequantize_blockwise(indices, absmax, code, blocksize, w.shape, w.dtype)
-
-    for weight in weights:
-        weight.data.copy_(round_trip(weight.detach()))
-    return len(weights)
-
-
-# --------------------------------------------------------------------------- #
 # Argument checks
 # --------------------------------------------------------------------------- #
 def check_quantize_4bit_arguments(x: torch.Tensor, blocksize: int, quant_type: str, double_quant: bool) -> None:
@@ -351,8 +315,8 @@ def check_quantize_4bit_arguments(x: torch.Tensor, blocksize: int, quant_type: s
                          f"float16 or bfloat16 tensor (x.float())")
     if x.numel() == 0:
         raise ValueError(f"quantize_4bit got an empty tensor (shape {tuple(x.shape)}); there is nothing to quantize")
-    _check_blocksize(blocksize)
-    _check_quant_type(quant_type)
+    check_blocksize(blocksize)
+    check_quant_type(quant_type)
     if not isinstance(double_quant, bool):
         raise TypeError(f"double_quant must be True or False, got {double_quant!r}")
 
@@ -365,8 +329,8 @@ def check_dequantize_4bit_arguments(packed: torch.Tensor, state: QuantState) -> 
     if not isinstance(packed, torch.Tensor) or packed.dtype != torch.uint8:
         raise ValueError(f"dequantize_4bit needs the packed uint8 tensor returned by quantize_4bit, got "
                          f"{getattr(packed, 'dtype', type(packed).__name__)}")
-    _check_blocksize(state.blocksize)
-    _check_quant_type(state.quant_type)
+    check_blocksize(state.blocksize)
+    check_quant_type(state.quant_type)
     if state.dtype not in FLOAT_DTYPES:
         raise ValueError(f"state.dtype must be float32, float16 or bfloat16, got {state.dtype}")
     n = state.numel
@@ -384,12 +348,12 @@ def _check_bits(bits: int) -> None:
         raise ValueError(f"bits must be an integer from 2 to 8, got {bits!r}")
 
 
-def _check_quant_type(quant_type: str) -> None:
+def check_quant_type(quant_type: str) -> None:
     if quant_type not in QUANT_TYPES:
         raise ValueError(f"quant_type must be one of {', '.join(map(repr, QUANT_TYPES))}, got {quant_type!r}")
 
 
-def _check_blocksize(blocksize: int) -> None:
+def check_blocksize(blocksize: int) -> None:
     if isinstance(blocksize, bool) or not isinstance(blocksize, int) or blocksize not in BLOCKSIZES:
         raise ValueError(f"blocksize must be one of {', '.join(map(str, BLOCKSIZES))} (powers of two, as in "
                          f"bitsandbytes), got {blocksize!r}")
@@ -412,8 +376,8 @@ CODES = {"nf4": normal_float_code(4), "fp4": fp4_code(), "int4": int4_code()}
 __all__ = [
     "CODES",
     "BLOCKSIZES", "FLOAT_DTYPES", "NF4_OFFSET", "QUANT_TYPES", "QuantState", "absmax_4bit", "blockwise_absmax",
-    "check_dequantize_4bit_arguments", "check_quantize_4bit_arguments", "code_for", "code_thresholds",
-    "dequantize_4bit", "dequantize_blockwise", "fake_quantize_linear_layers", "float_code", "fp4_code",
+    "check_blocksize", "check_dequantize_4bit_arguments", "check_quantize_4bit_arguments", "check_quant_type", "code_for", "code_thresholds",
+    "dequantize_4bit", "dequantize_blockwise", "float_code", "fp4_code",
     "int4_code", "integer_code", "make_state", "nearest_code", "normal_float_code", "normal_float_offset",
     "pack_nibbles", "pad_to_even", "quantize_4bit", "quantize_blockwise", "scale_blocks", "unpack_nibbles",
 ]

@@ -217,3 +217,22 @@ def test_byte_pair_table_holds_both_nibbles():
     pairs = fast_decode.byte_pair_table(code).view(torch.float32).view(256, 2)
     byte = torch.arange(256)
     assert torch.equal(pairs[:, 0], code[byte >> 4]) and torch.equal(pairs[:, 1], code[byte & 0xF])
+
+
+@pytest.mark.parametrize("dtype", FLOATS, ids=str)
+def test_fake_quantization_round_trip_equals_the_definitions(dtype):
+    """qlora_lab.fake_quant runs the fast path; it must give the definitions' values."""
+    from qlora_lab import fake_quant
+
+    for x in awkward_tensors(dtype):
+        x = x.to(dtype)
+        for quant_type, double_quant in (("nf4", False), ("fp4", True), ("int4", False)):
+            expected = nf4.dequantize_4bit(*nf4.quantize_4bit(x, 64, quant_type, double_quant))
+            got = fake_quant.round_trip(x, quant_type, 64, double_quant)
+            assert torch.equal(got.view(torch.uint8), expected.view(torch.uint8))
+        for code in (CODES["nf3"], CODES["int3"], nf4.normal_float_code(2)):
+            for blocksize in (64, 100):
+                expected = blockwise.dequantize_blockwise(*blockwise.quantize_blockwise(x, code, blocksize), code,
+                                                          blocksize, x.shape, x.dtype)
+                got = fake_quant.round_trip(x, blocksize=blocksize, code=code)
+                assert torch.equal(got.view(torch.uint8), expected.view(torch.uint8))

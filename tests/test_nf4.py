@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 
-from qlora_lab import nf4
+from qlora_lab import fake_quant, nf4
 from qlora_lab.fast import nf4 as fast_nf4
 
 import bitsandbytes.functional as bnbf  # noqa: E402  (after qlora_lab, see CONTRIBUTING)
@@ -487,7 +487,7 @@ def test_pack_unpack_inverse():
 
 def test_fake_quantize_linear_layers(tiny):
     reference = {n: p.detach().clone() for n, p in tiny.named_parameters()}
-    replaced = nf4.fake_quantize_linear_layers(tiny, "nf4")
+    replaced = fake_quant.fake_quantize_linear_layers(tiny, "nf4")
     linear_names = [n for n, m in tiny.named_modules() if isinstance(m, torch.nn.Linear) and n != "lm_head"]
     assert replaced == len(linear_names) == 14
     for name, module in tiny.named_modules():
@@ -496,7 +496,7 @@ def test_fake_quantize_linear_layers(tiny):
             assert torch.equal(module.weight, nf4.dequantize_4bit(*nf4.quantize_4bit(w)))
     assert torch.equal(tiny.lm_head.weight, reference["lm_head.weight"])
     assert torch.equal(tiny.model.norm.weight, reference["model.norm.weight"])
-    replaced = nf4.fake_quantize_linear_layers(tiny, code=nf4.normal_float_code(3))
+    replaced = fake_quant.fake_quantize_linear_layers(tiny, code=nf4.normal_float_code(3))
     assert replaced == 14
     values = tiny.model.layers[0].mlp.up_proj.weight.reshape(-1, 64)
     assert max(torch.unique(block).numel() for block in values) <= 8  # NF3: 8 values per block
