@@ -8,7 +8,8 @@ worth optimising on a 2-core CPU, and by how much.
 
 - :mod:`qlora_lab.fast.nf4`: ``quantize_4bit`` and ``dequantize_4bit`` of
   :mod:`qlora_lab.nf4`, the same bits from the pieces below; the training path
-  (``qlora.LinearNF4``, ``qlora.quantize_model``) runs it eagerly. Measured with
+  (``qlora.LinearNF4``, ``qlora.quantize_model``) runs it eagerly, and so does
+  chapter 02's fake quantization of whole models (``qlora_lab.fake_quant``). Measured with
   ``bench/quantize.py --threads 1`` on a 4096 x 4096 float32 matrix, on the
   course's 2-core machine under a load average of about 21 (six other agents
   busy; ratios, not milliseconds, are what carry over): quantize 965 ms against

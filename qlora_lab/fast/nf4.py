@@ -5,7 +5,7 @@ table look-up (:mod:`qlora_lab.fast.nearest`) and the byte-pair, threaded
 decode (:mod:`qlora_lab.fast.decode`). Same arguments, same checks, same
 :class:`~qlora_lab.blockwise.QuantState`. The training path
 (:class:`qlora_lab.qlora.LinearNF4`, :func:`qlora_lab.qlora.quantize_model`)
-runs these."""
+and :mod:`qlora_lab.fake_quant` run these."""
 
 from __future__ import annotations
 
