@@ -139,12 +139,13 @@ class LinearNF4(nn.Module):
         self.blocksize = state.blocksize
         self.weight_dtype = state.dtype
         self.register_buffer("weight", packed)
-        self.register_buffer("code", state.code)
         self.double_quant = state.nested is not None
         if not self.double_quant:
             self.register_buffer("absmax", state.absmax)
         else:
             self.register_buffer("absmax_indices", state.absmax_indices)
+        self.register_buffer("code", state.code)
+        if self.double_quant:
             self.register_buffer("nested_absmax", state.nested.absmax)
             self.register_buffer("nested_offset", torch.as_tensor(state.nested.offset, dtype=torch.float32))
             self.register_buffer("nested_code", state.nested.code)
