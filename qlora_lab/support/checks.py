@@ -36,3 +36,10 @@ def as_dtype(value, name: str) -> torch.dtype:
     if isinstance(value, str) and value.lower() in DTYPE_NAMES:
         return DTYPE_NAMES[value.lower()]
     raise ValueError(f"{name} must be a torch dtype or one of {sorted(DTYPE_NAMES)}, got {value!r}")
+
+
+def check_nbytes(nbytes: object, what: str) -> int:
+    """``nbytes`` if it is an int (not a bool), else a TypeError naming ``what``."""
+    if isinstance(nbytes, bool) or not isinstance(nbytes, int):
+        raise TypeError(f"{what} must be an int number of bytes, got {type(nbytes).__name__} {nbytes!r}")
+    return nbytes
