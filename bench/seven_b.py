@@ -87,7 +87,7 @@ def skeleton(config):
         return AutoModelForCausalLM.from_config(config, dtype=STORAGE_DTYPE)
 
 
-def _layer_generator(seed: int, index: int) -> torch.Generator:
+def layer_generator(seed: int, index: int) -> torch.Generator:
     # One generator per tensor: a layer's weights depend only on the seed and
     # the layer's position, not on how many layers come after it.
     return torch.Generator().manual_seed(seed * 1_000_003 + index)
@@ -120,7 +120,7 @@ def quantize_linear_layers(model, std: float, seed: int, compute_dtype: torch.dt
             raise ValueError(f"{name} has a bias; this benchmark builds bias-free Llama layers only")
         start = time.perf_counter()
         weight = scratch[: linear.weight.numel()].view(linear.out_features, linear.in_features)
-        weight.normal_(0.0, std, generator=_layer_generator(seed, index))
+        weight.normal_(0.0, std, generator=layer_generator(seed, index))
         generated = time.perf_counter()
         packed, state = quantize_4bit(weight, blocksize=64, quant_type="nf4", double_quant=True)
         setattr(parent, child, LinearNF4(linear.in_features, linear.out_features, packed, state,
@@ -153,7 +153,7 @@ def materialise_rest(model, std: float, seed: int) -> int:
             data = torch.empty(param.shape, dtype=STORAGE_DTYPE)
             if isinstance(module, (nn.Embedding, nn.Linear)):
                 tensors += 1
-                data.normal_(0.0, std, generator=_layer_generator(seed, -tensors))
+                data.normal_(0.0, std, generator=layer_generator(seed, -tensors))
             else:
                 data.fill_(1.0)
             setattr(module, name, nn.Parameter(data, requires_grad=False))

@@ -77,6 +77,9 @@ What the paper measured, and how this model compares
   6.1/10.6/23.9/44.9 GB: +22%, +6%, +14%, +10% above the column.
 
 Every figure is in bytes; tables print decimal gigabytes (1 GB = 10^9 bytes).
+The activation terms are derived in :mod:`qlora_lab.activations`, the tables
+and the chart are :mod:`qlora_lab.memory_report`, and the measurement that
+checks the estimate is :func:`qlora_lab.support.step_memory.measure_training_step`.
 """
 
 from __future__ import annotations
@@ -89,7 +92,7 @@ import torch
 
 from qlora_lab.activations import (FP32, GUANACO_LORA_R, METHODS, activation_breakdown, check_method,
                                    head_breakdown, rope_table_bytes)
-from qlora_lab.support.checks import as_dtype, check_choice, check_positive
+from qlora_lab.support.checks import as_dtype, check_positive
 from qlora_lab.support.model_config import count_parameters, model_name, model_shape, read_model_config
 
 GB = 10**9
@@ -260,7 +263,8 @@ def estimate(
     data type", Sec. 3), ``adapter_dtype`` that of the LoRA parameters and
     their gradients. ``attention`` picks the activation model of the
     attention (:data:`ATTENTION_KINDS`); ``lora_dropout`` > 0 adds the
-    per-adapter dropout copies and masks (see :func:`activation_breakdown`).
+    per-adapter dropout copies and masks (see
+    :func:`qlora_lab.activations.activation_breakdown`).
 
     ``optimizer_temporaries`` describes the scratch memory of the Adam step,
     which only :attr:`MemoryEstimate.peak` uses: ``"fused"`` (none: one
@@ -323,20 +327,10 @@ def estimate(
     activations = per_token * batch * seq_len + rope_table_bytes(config, seq_len, compute_dtype)
 
     return MemoryEstimate(
-        model=model_name(config, original),
-        method=method,
-        seq_len=seq_len,
-        batch=batch,
-        gradient_checkpointing=gradient_checkpointing,
-        lora_r=None if method == "full16" else lora_r,
-        parameters=counts.total,
-        trainable_parameters=trainable,
-        weights=weights,
-        adapters=adapters,
-        gradients=gradients,
-        optimizer=optimizer,
-        activations=activations,
-        optimizer_temporaries=scratch,
+        model=model_name(config, original), method=method, seq_len=seq_len, batch=batch,
+        gradient_checkpointing=gradient_checkpointing, lora_r=None if method == "full16" else lora_r,
+        parameters=counts.total, trainable_parameters=trainable, weights=weights, adapters=adapters,
+        gradients=gradients, optimizer=optimizer, activations=activations, optimizer_temporaries=scratch,
         settings={"weight_dtype": str(as_dtype(weight_dtype, "weight_dtype")),
                   "compute_dtype": str(as_dtype(compute_dtype, "compute_dtype")),
                   "adapter_dtype": str(as_dtype(adapter_dtype, "adapter_dtype")),

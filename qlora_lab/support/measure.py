@@ -227,6 +227,13 @@ def measure_in_fresh_process(function: str, spec: dict, *, threads: int | None =
     return run_worker(command, threads=threads, timeout=timeout, echo=echo, what=what)
 
 
+def worker_environment(spec: dict) -> dict:
+    """What a worker sees: its spec echoed back, its measuring environment and
+    its resident set after the imports (a check of the protocol itself)."""
+    return {"spec": spec, "environment": {name: os.environ.get(name) for name in MEASUREMENT_ENV},
+            "omp_threads": os.environ.get("OMP_NUM_THREADS"), "resident_bytes": PeakTracker().current()}
+
+
 def main(argv: list[str] | None = None) -> int:
     """``python -m qlora_lab.support.measure module:function SPEC_JSON``."""
     argv = sys.argv[1:] if argv is None else argv
