@@ -103,7 +103,7 @@ class DevicePool:
 
     ``allocate(nbytes, owner=...)`` hands out a :class:`Block`. When the pool
     is full it asks the registered :class:`Evictable` owners (the optimizer's
-    :class:`Pager`) to move memory to the host, which is what the unified
+    :class:`qlora_lab.pager.Pager`) to move memory to the host, which is what the unified
     memory driver does with managed pages when the GPU runs out (QLoRA, Sec.
     3). When that cannot make room either, it raises
     :class:`DeviceOutOfMemoryError`.
