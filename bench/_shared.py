@@ -1,5 +1,6 @@
 """What the benchmark scripts share: argument types, the machine's description,
-free memory, and the fresh-process runner used to measure peak memory.
+free memory, and how a script starts its measuring worker (the protocol itself
+is :mod:`qlora_lab.support.measure`).
 
 Not a benchmark itself; ``bench/train_step.py``, ``bench/seven_b.py`` and
 ``bench/run_all.py`` import it (they run as scripts, so ``bench/`` is on
@@ -12,16 +13,10 @@ import argparse
 import json
 import os
 import platform
-import subprocess
 import sys
-import tempfile
-import threading
 from pathlib import Path
 
 import qlora_lab  # noqa: F401  (before bitsandbytes, which machine() imports: silences a CPU-dependent warning)
-
-RESULT_PREFIX = "QLORA_LAB_BENCH_RESULT "
-"""A worker process prints its result as one JSON line after this prefix."""
 
 GB = 1e9
 MB = 1e6
@@ -112,52 +107,15 @@ def machine() -> dict:
     }
 
 
-def measurement_env(threads: int | None) -> dict[str, str]:
-    """Environment of a measuring process: chapter 03's (glibc returns freed
-    blocks above 64 KiB to the kernel, so the resident set follows live
-    tensors), and ``OMP_NUM_THREADS`` when ``threads`` is given."""
-    from qlora_lab.memory import MEASUREMENT_ENV
-
-    env = {**os.environ, **MEASUREMENT_ENV}
-    if threads is not None:
-        env["OMP_NUM_THREADS"] = str(threads)
-    return env
-
-
 def run_worker(script: Path, spec: dict, threads: int | None, timeout: float) -> dict:
-    """Run ``script --worker SPEC`` in a fresh interpreter, echo what it prints,
-    and return the JSON it reports. Raises RuntimeError if it fails."""
-    command = [sys.executable, str(script), "--worker", json.dumps(spec)]
-    result = None
-    with tempfile.TemporaryFile(mode="w+") as stderr:
-        # Lines are echoed as they come (progress of a long build), except the result.
-        process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=stderr, text=True,
-                                   env=measurement_env(threads))
-        timer = threading.Timer(timeout, process.kill)
-        timer.start()
-        try:
-            for line in process.stdout:
-                if line.startswith(RESULT_PREFIX):
-                    result = json.loads(line[len(RESULT_PREFIX):])
-                else:
-                    print(line, end="", flush=True)
-            code = process.wait()
-        finally:
-            timed_out = not timer.is_alive()
-            timer.cancel()
-        if timed_out:
-            raise RuntimeError(f"{script.name} worker took longer than {timeout:.0f} s and was stopped; "
-                               f"use smaller sizes or a larger --timeout")
-        if code != 0 or result is None:
-            stderr.seek(0)
-            tail = "\n".join(stderr.read().strip().splitlines()[-20:])
-            raise RuntimeError(f"the {spec.get('variant', 'measuring')} process failed (exit code {code}):\n{tail}")
-    return result
+    """Run ``script --worker SPEC`` in a fresh interpreter with the course's
+    one worker protocol (:func:`qlora_lab.support.measure.run_worker`: the
+    measuring environment, one result line), echo its progress, and return
+    the JSON it reports. Raises RuntimeError if it fails."""
+    from qlora_lab.support.measure import run_worker as run
 
-
-def report(result: dict) -> None:
-    """Print a worker's result for the parent process to read."""
-    print(RESULT_PREFIX + json.dumps(result), flush=True)
+    return run([sys.executable, str(script), "--worker", json.dumps(spec)], threads=threads, timeout=timeout,
+               echo=True, what=f"{spec.get('variant', Path(script).stem)} measuring")
 
 
 def write_json(path: str | None, data: dict) -> None:

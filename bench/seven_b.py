@@ -65,6 +65,8 @@ import qlora_lab  # noqa: F401  (before bitsandbytes: silences a CPU-dependent w
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _shared  # noqa: E402
 
+from qlora_lab.support.measure import report  # noqa: E402
+
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 STORAGE_DTYPE = torch.bfloat16
 """Embeddings, lm_head, norms and LoRA adapters (QLoRA Eq. 5: ``L^BF16``)."""
@@ -85,7 +87,7 @@ def skeleton(config):
         return AutoModelForCausalLM.from_config(config, dtype=STORAGE_DTYPE)
 
 
-def _layer_generator(seed: int, index: int) -> torch.Generator:
+def layer_generator(seed: int, index: int) -> torch.Generator:
     # One generator per tensor: a layer's weights depend only on the seed and
     # the layer's position, not on how many layers come after it.
     return torch.Generator().manual_seed(seed * 1_000_003 + index)
@@ -118,7 +120,7 @@ def quantize_linear_layers(model, std: float, seed: int, compute_dtype: torch.dt
             raise ValueError(f"{name} has a bias; this benchmark builds bias-free Llama layers only")
         start = time.perf_counter()
         weight = scratch[: linear.weight.numel()].view(linear.out_features, linear.in_features)
-        weight.normal_(0.0, std, generator=_layer_generator(seed, index))
+        weight.normal_(0.0, std, generator=layer_generator(seed, index))
         generated = time.perf_counter()
         packed, state = quantize_4bit(weight, blocksize=64, quant_type="nf4", double_quant=True)
         setattr(parent, child, LinearNF4(linear.in_features, linear.out_features, packed, state,
@@ -151,7 +153,7 @@ def materialise_rest(model, std: float, seed: int) -> int:
             data = torch.empty(param.shape, dtype=STORAGE_DTYPE)
             if isinstance(module, (nn.Embedding, nn.Linear)):
                 tensors += 1
-                data.normal_(0.0, std, generator=_layer_generator(seed, -tensors))
+                data.normal_(0.0, std, generator=layer_generator(seed, -tensors))
             else:
                 data.fill_(1.0)
             setattr(module, name, nn.Parameter(data, requires_grad=False))
@@ -171,8 +173,9 @@ def worker(spec: dict) -> dict:
     import bitsandbytes as bnb
 
     from qlora_lab.lora import add_lora
-    from qlora_lab.memory import PeakTracker, release_freed_memory
     from qlora_lab.qlora import memory_footprint
+    from qlora_lab.support.counting import parameter_count
+    from qlora_lab.support.measure import PeakTracker, release_freed_memory
 
     if spec["threads"]:
         torch.set_num_threads(spec["threads"])
@@ -227,7 +230,7 @@ def worker(spec: dict) -> dict:
         "parameters": built["quantized_weights"] + other,
         "quantized_weights": built["quantized_weights"],
         "other_parameters": other,
-        "trainable_parameters": sum(p.numel() for p in trainable),
+        "trainable_parameters": parameter_count(model, trainable=True),
         "generate_seconds": built["generate_seconds"],
         "quantize_seconds": built["quantize_seconds"],
         "build_seconds": build_seconds,
@@ -251,9 +254,9 @@ def worker(spec: dict) -> dict:
 def configure(name: str, layers: int | None):
     """The config called ``name`` (shipped name or path), with
     ``num_hidden_layers`` replaced by ``layers`` if given."""
-    from qlora_lab.memory import load_config
+    from qlora_lab.support.model_config import read_model_config
 
-    config = load_config(name)
+    config = read_model_config(name)
     config._name_or_path = Path(str(name)).stem
     if layers is not None:
         config.num_hidden_layers = layers
@@ -305,7 +308,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if not 0.0 <= args.lora_dropout < 1.0:
         parser.error(f"--lora-dropout must be in [0, 1), got {args.lora_dropout}")
-    from qlora_lab.memory import model_shape
+    from qlora_lab.support.model_config import model_shape
 
     try:
         config = configure(args.config, args.layers)
@@ -327,7 +330,7 @@ RUNTIME_ALLOWANCE = 1.2e9
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["--worker"]:
-        _shared.report(worker(json.loads(argv[1])))
+        report(worker(json.loads(argv[1])))
         return 0
     args = parse_args(argv)
     from qlora_lab import memory

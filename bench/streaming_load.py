@@ -64,10 +64,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="torch threads of the loading process (default: PyTorch's choice)")
     parser.add_argument("--json", metavar="PATH", help="also write the results to PATH as JSON")
     args = parser.parse_args(argv)
-    from qlora_lab.memory import load_config
+    from qlora_lab.support.model_config import read_model_config
 
     try:
-        config = load_config(args.config)
+        config = read_model_config(args.config)
     except (ValueError, TypeError, OSError) as err:
         parser.error(f"--config: {err}")
     if args.layers is not None:
@@ -78,7 +78,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    from qlora_lab.memory import count_parameters
+    from qlora_lab.support.model_config import count_parameters
     from qlora_lab.streaming import load_memory
     from qlora_lab.support.checkpoints import measure_load, write_random_checkpoint
 

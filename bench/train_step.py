@@ -30,7 +30,7 @@ step times: loading with BitsAndBytesConfig quantizes on the CPU), gives
 every plain parameter its own memory (transformers keeps float32 weights as
 views of the memory-mapped safetensors file, which would put the pages of
 the whole file that loading touched into the resident set, in one variant
-and not in another; see ``qlora_lab.memory._own_parameter_memory``), runs
+and not in another; see ``qlora_lab.support.measure.own_parameter_memory``), runs
 ``--warmup`` training steps (they create AdamW's states and initialise the
 kernels), then ``--steps`` measured steps (forward with the loss, backward,
 ``AdamW.step``, ``zero_grad``), each on a fresh batch of random token ids
@@ -40,7 +40,7 @@ the kernel's high-water mark (``VmHWM`` after a reset through
 ``/proc/self/clear_refs``) minus the runtime baseline. glibc is told to hand
 every freed block above 64 KiB back to the kernel (``MALLOC_MMAP_THRESHOLD_``),
 so the resident set follows live tensors; this is chapter 03's method
-(``qlora_lab.memory.measure_training_step``). "weights" is the bytes of the
+(``qlora_lab.support.step_memory.measure_training_step``). "weights" is the bytes of the
 model's parameters and buffers (``qlora_lab.qlora.memory_footprint``).
 
 The ratios printed at the end are ours over bitsandbytes': throughput (above
@@ -71,6 +71,8 @@ import qlora_lab  # noqa: F401  (before bitsandbytes: silences a CPU-dependent w
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _shared  # noqa: E402
 
+from qlora_lab.support.measure import report  # noqa: E402
+
 VARIANTS = {
     "qlora_lab": "qlora_lab quantize_model + add_lora (NF4, double quant, fp32 compute)",
     "bitsandbytes": "transformers BitsAndBytesConfig (NF4, double quant, fp32 compute) + peft",
@@ -83,13 +85,10 @@ LEARNING_RATE = 2e-4
 # --------------------------------------------------------------------------- #
 # The three ways to build a QLoRA (or LoRA) model
 # --------------------------------------------------------------------------- #
-def _from_pretrained(model_dir: str, **kwargs):
-    from transformers import AutoModelForCausalLM
+def _from_pretrained(model_dir: str, dtype: torch.dtype):
+    from qlora_lab.models import load_model
 
-    from qlora_lab.models import quiet_loading
-
-    with quiet_loading():
-        return AutoModelForCausalLM.from_pretrained(model_dir, **kwargs)
+    return load_model(model_dir, dtype=dtype, with_tokenizer=False)
 
 
 def _peft_lora(model, r: int, alpha: float):
@@ -103,7 +102,7 @@ def build_qlora_lab(model_dir: str, r: int, alpha: float) -> tuple[torch.nn.Modu
     from qlora_lab.qlora import quantize_model
 
     start = time.perf_counter()
-    model = _from_pretrained(model_dir, dtype=torch.float32)
+    model = _from_pretrained(model_dir, torch.float32)
     loaded = time.perf_counter()
     quantize_model(model, quant_type="nf4", double_quant=True, blocksize=64, compute_dtype=torch.float32)
     quantized = time.perf_counter()
@@ -112,19 +111,18 @@ def build_qlora_lab(model_dir: str, r: int, alpha: float) -> tuple[torch.nn.Modu
 
 
 def build_bitsandbytes(model_dir: str, r: int, alpha: float) -> tuple[torch.nn.Module, dict]:
-    from qlora_lab.backends import bitsandbytes_config
+    from qlora_lab.backends import bitsandbytes_qlora_model
 
     start = time.perf_counter()
-    # transformers quantizes while it loads: the two cannot be timed apart.
-    model = _from_pretrained(model_dir, quantization_config=bitsandbytes_config("nf4", True, torch.float32),
-                             dtype=torch.float32)
-    loaded = time.perf_counter()
-    return _peft_lora(model, r, alpha), {"load_seconds": loaded - start, "quantize_seconds": None}
+    # transformers quantizes while it loads: the two cannot be timed apart
+    # (the load time includes peft's wrapping, a few milliseconds).
+    model = bitsandbytes_qlora_model(model_dir, r, alpha, compute_dtype=torch.float32)
+    return model, {"load_seconds": time.perf_counter() - start, "quantize_seconds": None}
 
 
 def build_lora16(model_dir: str, r: int, alpha: float) -> tuple[torch.nn.Module, dict]:
     start = time.perf_counter()
-    model = _from_pretrained(model_dir, dtype=torch.bfloat16)
+    model = _from_pretrained(model_dir, torch.bfloat16)
     loaded = time.perf_counter()
     return _peft_lora(model, r, alpha), {"load_seconds": loaded - start, "quantize_seconds": None}
 
@@ -169,11 +167,11 @@ class Trainer:
     """One variant's model, optimizer and batches, ready to take steps."""
 
     def __init__(self, spec: dict, variant: str):
-        from qlora_lab.memory import _own_parameter_memory
+        from qlora_lab.support.measure import own_parameter_memory
 
         start = time.perf_counter()
         self.model, self.build_times = BUILDERS[variant](spec["model_dir"], spec["lora_r"], spec["lora_alpha"])
-        _own_parameter_memory(self.model)
+        own_parameter_memory(self.model)
         self.build_seconds = time.perf_counter() - start
         self.variant = variant
         self.model.train()
@@ -210,6 +208,7 @@ class Trainer:
 
     def result(self, spec: dict) -> dict:
         from qlora_lab.qlora import memory_footprint
+        from qlora_lab.support.counting import parameter_count
 
         median = statistics.median(self.step_seconds)
         return {
@@ -222,7 +221,7 @@ class Trainer:
             "median_step_seconds": median,
             "tokens_per_second": spec["batch"] * spec["seq_len"] / median,
             "weights_bytes": memory_footprint(self.model),
-            "trainable_parameters": sum(p.numel() for p in self.trainable),
+            "trainable_parameters": parameter_count(self.model, trainable=True),
             "losses": self.losses,
         }
 
@@ -230,7 +229,7 @@ class Trainer:
 def worker(spec: dict) -> dict:
     """One variant in this (fresh) process: time and peak memory; see the module docstring."""
     _import_runtime()
-    from qlora_lab.memory import PeakTracker, release_freed_memory
+    from qlora_lab.support.measure import PeakTracker, release_freed_memory
 
     if spec["threads"]:
         torch.set_num_threads(spec["threads"])
@@ -323,7 +322,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         args.model_dir = resolve_model(args.model)
     except ValueError as err:
         parser.error(str(err))
-    max_positions = _read_config(args.model_dir).get("max_position_embeddings")
+    from qlora_lab.support.model_config import config_value, read_model_config
+
+    max_positions = config_value(read_model_config(args.model_dir), "max_position_embeddings")
     if max_positions and args.seq_len > max_positions:
         parser.error(f"--seq-len {args.seq_len} is longer than the model's context ({max_positions} tokens)")
     return args
@@ -346,14 +347,11 @@ def resolve_model(name: str) -> str:
     return str(path)
 
 
-def _read_config(model_dir: str) -> dict:
-    return json.loads((Path(model_dir) / "config.json").read_text())
-
-
 def estimated_peak(args: argparse.Namespace) -> int:
     """The largest peak that ``qlora_lab.memory.estimate`` predicts for the
     chosen variants (tensor bytes, no runtime)."""
     from qlora_lab import memory
+    from qlora_lab.support.step_memory import MEASUREMENT_SETTINGS
 
     peaks = []
     for variant in args.variants:
@@ -362,7 +360,7 @@ def estimated_peak(args: argparse.Namespace) -> int:
                             adapter_dtype=torch.float32, optimizer_temporaries="per-tensor")
             method = "lora16"
         else:
-            settings, method = memory.MEASUREMENT_SETTINGS["qlora"], "qlora"
+            settings, method = MEASUREMENT_SETTINGS["qlora"], "qlora"
         peaks.append(memory.estimate(args.model_dir, method, args.lora_r, args.seq_len, args.batch,
                                      args.gradient_checkpointing, **settings).peak)
     return max(peaks)
@@ -414,7 +412,7 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["--worker"]:
         spec = json.loads(argv[1])
-        _shared.report(interleaved_worker(spec) if "variants" in spec else worker(spec))
+        report(interleaved_worker(spec) if "variants" in spec else worker(spec))
         return 0
     args = parse_args(argv)
     if args.memory_check:

@@ -13,9 +13,14 @@ module                    idea                                            chapte
 ``qlora_lab.evaluate``    perplexity on the course's fixed text           02
 ``qlora_lab.double_quant``  quantizing the quantization constants         03
 ``qlora_lab.memory``      what finetuning costs, 7B to 65B                03
+``qlora_lab.activations`` what autograd keeps for the backward pass       03
+``qlora_lab.memory_report``  the estimates as tables and a chart         03
 ``qlora_lab.lora``        low-rank adapters                               04
 ``qlora_lab.qlora``       the QLoRA layer: frozen NF4 weight + LoRA       05
+``qlora_lab.device_pool`` a device's memory as a budget with allocator  06
+``qlora_lab.pager``       pages that move between device and host         06
 ``qlora_lab.paged``       a paged AdamW surviving memory spikes           06
+``qlora_lab.paged_step``  a training run on the simulated device          06
 ``qlora_lab.data``        instruction data, chat template, labels         07
 ``qlora_lab.train``       the Guanaco recipe as a training loop           07
 ``qlora_lab.backends``    the course's layers or transformers +           07

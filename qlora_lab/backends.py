@@ -45,7 +45,9 @@ import torch
 
 __all__ = [
     "BACKENDS",
+    "bf16_full_model",
     "bitsandbytes_config",
+    "bitsandbytes_qlora_model",
     "build_model",
     "check_backend",
     "compute_dtype",
@@ -145,6 +147,36 @@ def peft_lora(model, r: int, alpha: float, dropout: float = 0.0, target_modules:
                 torch.nn.init.kaiming_uniform_(module.lora_A["default"].weight, a=math.sqrt(5))
                 torch.nn.init.zeros_(module.lora_B["default"].weight)
     return peft_model
+
+
+def bitsandbytes_qlora_model(model_dir: str | os.PathLike | None = None, lora_r: int = 64, lora_alpha: float = 16,
+                             compute_dtype: torch.dtype = torch.float32):
+    """The QLoRA model as practitioners build it: the model in ``model_dir``
+    (default: the cached SmolLM2) loaded by transformers in NF4 with double
+    quantization (:func:`bitsandbytes_config`), weights outside the linear
+    layers and compute in ``compute_dtype`` (fp32: the CPU-safe choice),
+    then peft LoRA (no dropout) on every linear layer except the lm_head
+    (:func:`peft_lora`). The reference of chapter 03's measurement and of
+    ``bench/train_step.py``."""
+    from qlora_lab.models import load_model, smollm2_cache_path
+
+    model = load_model(str(model_dir or smollm2_cache_path()), dtype=compute_dtype, with_tokenizer=False,
+                       quantization_config=bitsandbytes_config("nf4", True, compute_dtype))
+    return peft_lora(model, lora_r, lora_alpha)
+
+
+def bf16_full_model(model_dir: str | os.PathLike | None = None, lora_r: int | None = None,
+                    lora_alpha: float | None = None):
+    """The model in ``model_dir`` (default: the cached SmolLM2) in bfloat16,
+    every parameter trainable: full 16-bit finetuning. ``lora_r`` and
+    ``lora_alpha`` are ignored (the builder signature of
+    :func:`qlora_lab.support.step_memory.measure_training_step`)."""
+    from qlora_lab.models import load_model, smollm2_cache_path
+
+    model = load_model(str(model_dir or smollm2_cache_path()), dtype=torch.bfloat16, with_tokenizer=False)
+    for p in model.parameters():
+        p.requires_grad_(True)
+    return model
 
 
 def is_peft_model(model) -> bool:
@@ -300,13 +332,14 @@ def run_estimate(config, device_type: str = "cuda"):
 def _file_dtype(source) -> torch.dtype:
     """The dtype the checkpoint stores its weights in: read from the files when
     they are here, else the config's ``torch_dtype``, else bfloat16."""
-    from qlora_lab import memory, streaming
+    from qlora_lab import streaming
+    from qlora_lab.support.model_config import read_model_config
 
     if isinstance(source, Path):
         with contextlib.suppress(ValueError, OSError):  # no safetensors here: fall back to the config
             tensors = streaming.checkpoint_tensors(source)
             return max(tensors.values(), key=lambda entry: math.prod(entry[1]))[0]
-    named = getattr(memory.load_config(source), "dtype", None)
+    named = getattr(read_model_config(source), "dtype", None)
     return named if isinstance(named, torch.dtype) else getattr(torch, str(named or "bfloat16"), torch.bfloat16)
 
 
@@ -322,12 +355,13 @@ def load_host_bytes(config, backend: str, device_type: str = "cuda") -> int:
     in the process's memory), plus the 4-bit model when the device is the CPU.
     ``lora16`` on either backend holds the 16-bit model.
     """
-    from qlora_lab import memory, streaming
+    from qlora_lab import streaming
+    from qlora_lab.support.model_config import count_parameters
 
     source = model_config_source(config)
     file_dtype = _file_dtype(source)
     dtype = compute_dtype(config, torch.device(device_type))
-    counts = memory.count_parameters(source)
+    counts = count_parameters(source)
     if config.method == "lora16":
         return HOST_RUNTIME_BYTES + counts.total * max(file_dtype.itemsize, dtype.itemsize)
     if backend == "qlora_lab":

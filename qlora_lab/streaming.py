@@ -289,9 +289,10 @@ def load_memory(config: Any, *, file_dtype: torch.dtype = torch.bfloat16, dtype:
     value (on the host only when ``device`` is the CPU); any other tensor
     costs its file bytes and, on the CPU, its copy."""
     from qlora_lab import memory
+    from qlora_lab.support.model_config import count_parameters, model_shape
 
-    counts = memory.count_parameters(config)
-    shape = memory.model_shape(memory.load_config(config))
+    counts = count_parameters(config)
+    shape = model_shape(config)
     f, s = file_dtype.itemsize, dtype.itemsize
     on_cpu = torch.device(device).type == "cpu"
     largest_linear = max(o * i for o, i in counts.block_linear_shapes)

@@ -134,9 +134,9 @@ def test_run_all_rejects_bad_arguments(run_all, capsys, argv, message):
 # The 7B model is built one quantized layer at a time
 # --------------------------------------------------------------------------- #
 def test_seven_b_builds_the_model_one_quantized_layer_at_a_time(seven_b):
-    from qlora_lab.memory import count_parameters, load_config
+    from qlora_lab.support.model_config import count_parameters, read_model_config
 
-    config = load_config(dict(TINY_CONFIG))
+    config = read_model_config(dict(TINY_CONFIG))
     model = seven_b.skeleton(config)
     assert all(p.is_meta for p in model.parameters())
     built = seven_b.quantize_linear_layers(model, std=0.02, seed=3, compute_dtype=torch.float32)
@@ -153,7 +153,7 @@ def test_seven_b_builds_the_model_one_quantized_layer_at_a_time(seven_b):
 
     # The first layer's weight is the seeded generator's N(0, 0.02) draw, quantized.
     first = model.model.layers[0].self_attn.q_proj
-    weight = torch.empty(128, 128).normal_(0.0, 0.02, generator=seven_b._layer_generator(3, 0))
+    weight = torch.empty(128, 128).normal_(0.0, 0.02, generator=seven_b.layer_generator(3, 0))
     packed, _ = quantize_4bit(weight, blocksize=64, quant_type="nf4", double_quant=True)
     assert torch.equal(first.weight, packed)
     assert first.dequantized_weight().std().item() == pytest.approx(0.02, rel=0.1)
@@ -188,7 +188,7 @@ def test_run_all_writes_a_results_page(tiny_run):
 
 
 def test_train_step_measures_all_three_variants(tiny_run):
-    from qlora_lab.memory import count_parameters, load_config
+    from qlora_lab.support.model_config import count_parameters, read_model_config
 
     _, out = tiny_run
     data = json.loads((out / "train_step.json").read_text())
@@ -202,7 +202,7 @@ def test_train_step_measures_all_three_variants(tiny_run):
     # any update (B = 0) the two QLoRA models compute the same loss, up to the
     # few double-quantization constants that bitsandbytes' CPU lookup table
     # rounds differently (see qlora_lab.double_quant).
-    lora = count_parameters(load_config(dict(TINY_CONFIG))).lora(16)
+    lora = count_parameters(read_model_config(dict(TINY_CONFIG))).lora(16)
     assert ours["trainable_parameters"] == theirs["trainable_parameters"] == lora
     assert ours["losses"][0] == pytest.approx(theirs["losses"][0], abs=1e-3)
     # The tensors held: the same packed weights and constants, give or take
@@ -212,12 +212,12 @@ def test_train_step_measures_all_three_variants(tiny_run):
 
 
 def test_seven_b_measures_one_step(tiny_run):
-    from qlora_lab.memory import count_parameters, load_config
+    from qlora_lab.support.model_config import count_parameters, read_model_config
 
     _, out = tiny_run
     data = json.loads((out / "seven_b.json").read_text())
     r = data["result"]
-    counts = count_parameters(load_config(dict(TINY_CONFIG)))
+    counts = count_parameters(read_model_config(dict(TINY_CONFIG)))
     assert r["quantized_weights"] == counts.block_linear
     assert r["parameters"] == counts.total
     assert r["trainable_parameters"] == counts.lora(64)

@@ -12,8 +12,9 @@ import pytest
 import torch
 
 import qlora_lab  # noqa: F401  (before bitsandbytes)
-from qlora_lab import memory
+from qlora_lab import activations, memory, memory_report
 from qlora_lab.memory import GB, estimate
+from qlora_lab.support import model_config, step_memory
 
 matplotlib.use("Agg")
 
@@ -31,14 +32,14 @@ pytestmark = pytest.mark.filterwarnings("ignore:`is_gradient_checkpointing` is d
     ("llama-65b", 65_285_660_672),
 ])
 def test_llama_parameter_counts_are_exact(name, expected):
-    assert memory.count_parameters(name).total == expected
+    assert model_config.count_parameters(name).total == expected
 
 
 def test_smollm2_count_matches_the_real_model(smollm2):
     model, _ = smollm2
     real = sum(p.numel() for p in model.parameters())
     assert real == 134_515_008
-    counts = memory.count_parameters(model.config)
+    counts = model_config.count_parameters(model.config)
     assert counts.total == real
     # Tied embeddings: the lm_head is the embedding, so neither is quantized.
     linear = sum(m.weight.numel() for n, m in model.named_modules()
@@ -47,17 +48,17 @@ def test_smollm2_count_matches_the_real_model(smollm2):
 
 
 def test_every_way_to_pass_a_config_gives_the_same_count(tmp_path):
-    path = memory.CONFIG_DIR / "llama-7b.json"
+    path = model_config.CONFIG_DIR / "llama-7b.json"
     values = json.loads(path.read_text())
     (tmp_path / "config.json").write_text(path.read_text())
-    ways = ["llama-7b", "LLaMA-7B", path, str(path), values, memory.load_config(values), tmp_path]
-    assert {memory.count_parameters(way).total for way in ways} == {6_738_415_616}
+    ways = ["llama-7b", "LLaMA-7B", path, str(path), values, model_config.read_model_config(values), tmp_path]
+    assert {model_config.count_parameters(way).total for way in ways} == {6_738_415_616}
 
 
 def test_lora_count_r64_all_linear_layers_of_llama_7b():
     # 32 layers x 64 x (q, k, v, o: 4096+4096 each; gate, up: 4096+11008; down: 11008+4096)
     per_layer = 64 * (4 * 8192 + 3 * 15104)
-    assert memory.count_parameters("llama-7b").lora(64) == 32 * per_layer == 159_907_840
+    assert model_config.count_parameters("llama-7b").lora(64) == 32 * per_layer == 159_907_840
 
 
 def test_counting_builds_the_model_on_the_meta_device(monkeypatch):
@@ -72,8 +73,8 @@ def test_counting_builds_the_model_on_the_meta_device(monkeypatch):
         return built[-1]
 
     monkeypatch.setattr(AutoModelForCausalLM, "from_config", spy)
-    memory._count_from_json.cache_clear()
-    assert memory.count_parameters("llama-65b").total == 65_285_660_672
+    model_config.count_parameters_of_json.cache_clear()
+    assert model_config.count_parameters("llama-65b").total == 65_285_660_672
     assert len(built) == 1
     assert {p.device.type for p in built[0].parameters()} == {"meta"}
 
@@ -86,8 +87,8 @@ def test_nf4_bits_per_weight_are_the_papers():
     assert memory.nf4_storage_bytes(n, double_quant=False) * 8 / n == pytest.approx(4 + 32 / 64)
     assert memory.nf4_storage_bytes(n) * 8 / n == pytest.approx(4 + 8 / 64 + 32 / (64 * 256), abs=1e-6)
     e = estimate("llama-7b", "qlora")
-    linear_bytes = e.weights - memory.count_parameters("llama-7b").other * 2
-    assert linear_bytes * 8 / memory.count_parameters("llama-7b").block_linear == pytest.approx(4.127, abs=5e-4)
+    linear_bytes = e.weights - model_config.count_parameters("llama-7b").other * 2
+    assert linear_bytes * 8 / model_config.count_parameters("llama-7b").block_linear == pytest.approx(4.127, abs=5e-4)
 
 
 @pytest.mark.parametrize("shape", [(1536, 576), (192, 576), (33, 7)])
@@ -165,22 +166,22 @@ def test_activation_model_is_exactly_what_autograd_saves(method, dtype, attentio
     if method != "full16":
         adapter = next(p.dtype for n, p in two.named_parameters() if "lora_A" in n)
     adapter_bytes = adapter.itemsize if adapter is not None else 1
-    per_layer = memory.activation_breakdown(
+    per_layer = activations.activation_breakdown(
         config, method, seq_len=seq, lora_r=8, compute_dtype=dtype, adapter_dtype=adapter,
         lora_dropout=dropout, dropout_mask_bytes=adapter_bytes,  # PyTorch's CPU dropout: mask in the input dtype
         attention=attention)
     assert (saved_three - saved_two) == sum(per_layer.values()) * batch * seq
 
-    head = memory.head_breakdown(config, method, compute_dtype=dtype)
+    head = activations.head_breakdown(config, method, compute_dtype=dtype)
     outside = sum(head.values()) - head["loss backward"]  # the backward buffers are not saved tensors
-    expected_outside = outside * batch * seq + memory.rope_table_bytes(config, seq, dtype)
+    expected_outside = outside * batch * seq + activations.rope_table_bytes(config, seq, dtype)
     # The loss also keeps one fp32 scalar (the total weight).
     assert saved_two - 2 * (saved_three - saved_two) - expected_outside in (0, 4)
 
 
 def test_lora_saves_almost_as_much_as_full_finetuning():
-    full = sum(memory.activation_breakdown("llama-7b", "full16").values())
-    lora = sum(memory.activation_breakdown("llama-7b", "qlora").values())
+    full = sum(activations.activation_breakdown("llama-7b", "full16").values())
+    lora = sum(activations.activation_breakdown("llama-7b", "qlora").values())
     assert (full, lora) == (186_504, 171_016)
 
 
@@ -226,7 +227,7 @@ def test_defaults_are_the_papers_setting():
 
 
 def test_lora_weights_of_0_2_percent_take_26_mb():
-    params = 0.002 * memory.count_parameters("llama-7b").total
+    params = 0.002 * model_config.count_parameters("llama-7b").total
     assert params * 2 / 1e6 == pytest.approx(26, rel=0.05)
 
 
@@ -270,13 +271,13 @@ def test_table_prints_every_component_in_gb():
     for word in (*memory.MemoryEstimate.COMPONENTS, "total", "GB", "llama-7b", "r=64"):
         assert word in text
     assert "6.12 GB" in text
-    assert memory.estimates_table([estimate("llama-7b", m) for m in memory.METHODS]).count("\n") == 3
+    assert memory_report.estimates_table([estimate("llama-7b", m) for m in memory.METHODS]).count("\n") == 3
 
 
 def test_the_chart_has_every_bar_and_gpu_line():
     import matplotlib.pyplot as plt
 
-    fig = memory.plot_breakdown()
+    fig = memory_report.plot_breakdown()
     ax = fig.axes[0]
     assert len(ax.patches) == 4 * 3 * 5
     levels = sorted(line.get_ydata()[0] for line in ax.get_lines())
@@ -309,7 +310,7 @@ def test_unknown_method_lists_the_valid_ones():
     with pytest.raises(ValueError, match="full16, lora16, qlora"):
         estimate("llama-7b", "qlora4")
     with pytest.raises(ValueError, match="full16, lora16, qlora"):
-        memory.measure_training_step("int8")
+        step_memory.measure_training_step("int8")
 
 
 @pytest.mark.parametrize("argument", ["seq_len", "batch", "lora_r"])
@@ -329,7 +330,7 @@ def test_bad_options_are_refused():
     with pytest.raises(ValueError, match="bits"):
         memory.deployment_footprint("llama-7b", bits=8)
     with pytest.raises(ValueError, match="package.module:function"):
-        memory.measure_training_step("qlora", builder="no_colon_here")
+        step_memory.measure_training_step("qlora", builder="no_colon_here")
 
 
 # --------------------------------------------------------------------------- #
@@ -344,7 +345,7 @@ def measurements():
     from concurrent.futures import ThreadPoolExecutor
 
     with ThreadPoolExecutor(max_workers=2) as pool:
-        futures = {method: pool.submit(memory.measure_training_step, method, seq_len=seq_len, threads=1)
+        futures = {method: pool.submit(step_memory.measure_training_step, method, seq_len=seq_len, threads=1)
                    for method, seq_len in MEASURED.items()}
         return {method: future.result() for method, future in futures.items()}
 
@@ -361,7 +362,7 @@ def test_estimate_matches_a_measured_training_step_of_smollm2(method, measuremen
 
     measured = measurements[method]
     e = estimate(smollm2_cache_path(), method, seq_len=MEASURED[method], gradient_checkpointing=False,
-                 **memory.MEASUREMENT_SETTINGS[method])
+                 **step_memory.MEASUREMENT_SETTINGS[method])
     assert 0.85 < measured.ratio(e) < 1.15, (measured, e.peak)
     resident_model = e.weights + e.adapters + e.optimizer
     assert 0.85 < resident_model / measured.model < 1.15, (measured, resident_model)

@@ -1,4 +1,4 @@
-"""Tests of qlora_lab.paged: the paged AdamW equals torch.optim.AdamW bit for
+"""Tests of chapter 06 (qlora_lab.device_pool, pager, paged, paged_step): the paged AdamW equals torch.optim.AdamW bit for
 bit at any device budget; pages move least recently used first; the counters
 count exactly; a memory spike fails without paging and passes with it."""
 
@@ -10,17 +10,9 @@ import warnings
 import pytest
 import torch
 
-from qlora_lab.paged import (
-    ActivationMeter,
-    DeviceOutOfMemoryError,
-    DevicePool,
-    PagedAdamW,
-    format_size,
-    hold_model,
-    optimizer_state_bytes,
-    parameter_bytes,
-    training_steps,
-)
+from qlora_lab.device_pool import DeviceOutOfMemoryError, DevicePool, format_size
+from qlora_lab.paged import PagedAdamW, optimizer_state_bytes
+from qlora_lab.paged_step import ActivationMeter, hold_model, parameter_bytes, training_steps
 
 
 def _net(seed: int = 0) -> torch.nn.Module:

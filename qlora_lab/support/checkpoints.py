@@ -54,7 +54,7 @@ def _write_safetensors(path: Path, tensors: list[tuple[str, tuple[int, ...]]], d
 def write_random_checkpoint(config: Any, directory: str | Path, *, dtype: torch.dtype = torch.bfloat16,
                             max_shard_bytes: int = 2 * 10**9, seed: int = 0) -> dict[str, Any]:
     """Write a checkpoint of ``config`` (a transformers config or anything
-    :func:`qlora_lab.memory.load_config` takes) with random weights into
+    :func:`qlora_lab.support.model_config.read_model_config` takes) with random weights into
     ``directory``: ``config.json``, safetensors shards of at most
     ``max_shard_bytes`` (a tensor larger than that gets a shard of its own)
     named as transformers names them, and ``model.safetensors.index.json``.
@@ -64,12 +64,12 @@ def write_random_checkpoint(config: Any, directory: str | Path, *, dtype: torch.
     its position, cast to ``dtype`` and written before the next is drawn, so
     memory holds one tensor at a time. Returns ``{"files", "total_bytes",
     "largest_tensor_bytes"}``."""
-    from qlora_lab.memory import load_config
+    from qlora_lab.support.model_config import read_model_config
 
     directory = Path(directory).expanduser()
     if dtype not in _SAFETENSORS_DTYPES:
         raise ValueError(f"dtype must be float32, float16 or bfloat16, got {dtype}")
-    config = load_config(config)
+    config = read_model_config(config)
     directory.mkdir(parents=True, exist_ok=True)
     skeleton = meta_model(config, dtype)
     head = skeleton.get_output_embeddings()
@@ -111,14 +111,14 @@ def write_random_checkpoint(config: Any, directory: str | Path, *, dtype: torch.
     return {"files": len(shards), "total_bytes": total, "largest_tensor_bytes": largest}
 
 
-def _measure_load_here(spec: dict) -> dict:
+def load_worker(spec: dict) -> dict:
     """Runs inside the fresh process started by :func:`measure_load`."""
     import qlora_lab  # noqa: F401  (before bitsandbytes)
     import bitsandbytes  # noqa: F401
     import peft  # noqa: F401
     from transformers import AutoConfig
 
-    from qlora_lab.memory import PeakTracker, release_freed_memory
+    from qlora_lab.support.measure import PeakTracker, release_freed_memory
     from qlora_lab.qlora import memory_footprint
 
     if spec["threads"]:
@@ -152,32 +152,17 @@ def measure_load(path: str | Path, *, backend: str = "qlora_lab", dtype: torch.d
     :func:`load_quantized`; ``"bitsandbytes"``: transformers with
     ``BitsAndBytesConfig``) in a fresh Python process and measure its host
     memory, as chapter 03 measures a training step
-    (:func:`qlora_lab.memory.measure_training_step`): the resident set after
+    (:func:`qlora_lab.support.step_memory.measure_training_step`): the resident set after
     the imports (``runtime_bytes``), the kernel's high-water mark over the
     load (``peak_bytes``, the whole process), the resident set afterwards,
     the model's tensor bytes (``model_bytes``) and the seconds. Adds
     ``largest_tensor_bytes`` and ``checkpoint_bytes`` from the files' headers."""
-    import os
-    import subprocess
-    import sys
-
-    from qlora_lab.memory import MEASUREMENT_ENV
+    from qlora_lab.support.measure import measure_in_fresh_process
 
     tensors = checkpoint_tensors(path)
     spec = {"path": str(Path(path).expanduser()), "backend": backend, "dtype": str(dtype).removeprefix("torch."),
             "device": str(device), "quant_type": quant_type, "double_quant": double_quant, "threads": threads}
-    code = ("import json, sys\n"
-            "from qlora_lab.support.checkpoints import _measure_load_here\n"
-            "print('QLORA_LAB_RESULT ' + json.dumps(_measure_load_here(json.loads(sys.argv[1]))))\n")
-    env = {**os.environ, **MEASUREMENT_ENV}
-    if threads:
-        env["OMP_NUM_THREADS"] = str(threads)
-    done = subprocess.run([sys.executable, "-c", code, json.dumps(spec)], capture_output=True, text=True, env=env,
-                          timeout=timeout, check=False)
-    lines = [line for line in done.stdout.splitlines() if line.startswith("QLORA_LAB_RESULT ")]
-    if done.returncode != 0 or not lines:
-        tail = "\n".join(done.stderr.strip().splitlines()[-15:])
-        raise RuntimeError(f"the measuring process failed (exit code {done.returncode}):\n{tail}")
-    result = json.loads(lines[-1].split(" ", 1)[1])
+    result = measure_in_fresh_process("qlora_lab.support.checkpoints:load_worker", spec, threads=threads or None,
+                                      timeout=timeout, what="loading")
     sizes = [dt.itemsize * int(torch.Size(shape).numel()) for dt, shape in tensors.values()]
     return {**result, "largest_tensor_bytes": max(sizes), "checkpoint_bytes": sum(sizes)}
