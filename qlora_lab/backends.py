@@ -225,7 +225,8 @@ def build_model(config, device: torch.device, backend: str, model=None, tokenize
 def _build_qlora_lab(config, device: torch.device, dtype: torch.dtype, model, tokenizer):
     from qlora_lab import data as data_lib
     from qlora_lab.lora import add_lora
-    from qlora_lab.models import checkpoint_directory, load_model, quiet_loading
+    from qlora_lab.models import checkpoint_directory, load_model
+    from qlora_lab.support.loading import quiet_loading
     from qlora_lab.qlora import quantize_model
 
     quantized = False
