@@ -41,6 +41,7 @@ def _parse_value(text: str, current):
 
 
 def resolve_config(args) -> "TrainConfig":  # noqa: F821
+    from qlora_lab.recipe import renamed_hint
     from qlora_lab.train import PRESETS, TrainConfig, preset
 
     defaults = PRESETS[args.preset]
@@ -51,7 +52,8 @@ def resolve_config(args) -> "TrainConfig":  # noqa: F821
             raise ValueError(f"--set takes name=value, got {item!r}")
         name, value = item.split("=", 1)
         if name not in fields:
-            raise ValueError(f"--set {name}: unknown setting; valid settings: {', '.join(sorted(fields))}")
+            raise ValueError(f"--set {name}: unknown setting{renamed_hint([name])}; valid settings: "
+                             f"{', '.join(sorted(fields))}")
         try:
             overrides[name] = _parse_value(value, getattr(defaults, name))
         except ValueError as err:
@@ -82,7 +84,7 @@ def memory_estimate_text(config, device_type: str = "cuda") -> str:
     full = memory.estimate(model_config_source(config), "full16", seq_len=config.max_length,
                            batch=config.batch_size, gradient_checkpointing=config.gradient_checkpointing)
     compute = breakdown.settings["compute_dtype"].removeprefix("torch.")
-    text = (f"memory estimate for {breakdown.model} ({config.method}, r={config.lora_r}, batch {config.batch_size} x "
+    text = (f"memory estimate for {breakdown.model} ({config.method}, r={config.r}, batch {config.batch_size} x "
             f"{config.max_length} tokens, checkpointing {'on' if config.gradient_checkpointing else 'off'}, "
             f"{compute} compute, float32 adapters, 32-bit Adam states, on {device_type}):\n{breakdown}\n"
             f"full 16-bit finetuning of the same model would need about {full.total / 1e9:.1f} GB")
@@ -179,16 +181,17 @@ def build_parser() -> argparse.ArgumentParser:
     ex = commands.add_parser("experiments", help="QLoRA vs 16-bit LoRA on SmolLM2, longer than CI allows")
     ex.add_argument("--steps", type=int, default=300)
     ex.add_argument("--out", default="runs/experiments", help="where the runs' checkpoints go")
-    ex.add_argument("--results", default=None, help="the JSON file to write (default notebooks/results/experiments.json)")
+    ex.add_argument("--results", default=None, help="the JSON file to write (default qlora_lab/results/experiments.json)")
     ex.add_argument("--per-task", type=int, default=None, dest="per_task",
                     help="score only this many test items per task (default: all)")
     return parser
 
 
 def experiments(args) -> int:
-    from qlora_lab.experiments import DEFAULT_RESULTS, run
+    from qlora_lab.experiments import run
+    from qlora_lab.support.resources import EXPERIMENT_RESULTS
 
-    summary = run(steps=args.steps, out_dir=args.out, results=args.results or DEFAULT_RESULTS, per_task=args.per_task)
+    summary = run(steps=args.steps, out_dir=args.out, results=args.results or EXPERIMENT_RESULTS, per_task=args.per_task)
     print(f"before: exact match {summary['before']['exact_match']:.1%}")
     for method, r in summary["runs"].items():
         print(f"{method}: exact match {r['test']['exact_match']:.1%} after {args.steps} steps ({r['seconds'] / 60:.1f} min)")
