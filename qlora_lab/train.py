@@ -226,6 +226,10 @@ def train(config: TrainConfig, out_dir: str | os.PathLike, *, resume: bool = Fal
     schedule = BatchSchedule([len(e["input_ids"]) for e in train_examples], config.batch_size, config.seed,
                              config.group_by_length)
     result = TrainResult(config=config, backend=backend)
+
+    def write_adapter(path: Path) -> None:
+        backends.save_adapter(model, path, base_model_name_or_path=config.model)
+
     state = {"step": 0, "history": [], "evaluations": [], "config": dataclasses.asdict(config)}
 
     if checkpoint is not None:
@@ -297,8 +301,7 @@ def train(config: TrainConfig, out_dir: str | os.PathLike, *, resume: bool = Fal
         if step % config.eval_every == 0 or step == config.max_steps:
             run_evaluation(step)
         if step % config.save_every == 0 and step < config.max_steps:
-            save_checkpoint(out_dir, step, model, optimizer, scheduler, state, config.keep_checkpoints,
-                            config.model)
+            save_checkpoint(out_dir, step, write_adapter, optimizer, scheduler, state, config.keep_checkpoints)
         if on_step is not None:
             on_step(entry)
     if bar is not None:

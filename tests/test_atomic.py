@@ -59,3 +59,11 @@ def test_a_directory_that_appears_meanwhile_is_left_alone(tmp_path):
             (target / "theirs.txt").write_text("theirs")
     assert sorted(p.name for p in target.iterdir()) == ["theirs.txt"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+
+
+def test_an_empty_directory_counts_as_free(tmp_path):
+    target = tmp_path / "out"
+    target.mkdir()
+    with atomic_directory(target) as staging:
+        (staging / "a.txt").write_text("a")
+    assert sorted(p.name for p in target.iterdir()) == ["a.txt"]

@@ -163,3 +163,27 @@ def test_evaluation_loss_is_the_mean_over_labelled_tokens_whatever_the_batches()
         assert math.isclose(got, total / count, rel_tol=1e-5)
     assert model.training  # restored
     assert evaluate.labelled_tokens(torch.tensor([[5, 6, -100], [-100, -100, 7]])) == 2
+
+
+def test_train_and_experiments_measure_with_this_module_and_nothing_shadows_it():
+    """One evaluate module: train and experiments import it, and no function,
+    class, argument or variable in the package is named ``evaluate``."""
+    import ast
+    from pathlib import Path
+
+    package = Path(evaluate.__file__).parent
+    for module in ("train.py", "experiments.py"):
+        tree = ast.parse((package / module).read_text())
+        imported = {a.asname or a.name for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)
+                    and n.module == "qlora_lab" for a in n.names}
+        assert "evaluate" in imported, module
+    for path in package.rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = []
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+                names.append(node.name)
+            elif isinstance(node, ast.Name) and isinstance(node.ctx, ast.Store):
+                names.append(node.id)
+            elif isinstance(node, ast.arg):
+                names.append(node.arg)
+            assert "evaluate" not in names, f"{path.relative_to(package)}:{getattr(node, 'lineno', '?')}"

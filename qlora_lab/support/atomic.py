@@ -8,7 +8,8 @@ target (the same file system, so a rename is atomic), flush every file and
 directory to disk (``fsync``), then rename the staging directory into place.
 :func:`atomic_directory` does that; it refuses to replace an existing target
 unless it is told to (``overwrite=True``), and then the old directory is
-moved aside first and deleted only after the new one is in place.
+moved aside first and deleted only after the new one is in place. An empty
+directory counts as free.
 """
 
 from __future__ import annotations
@@ -70,8 +71,9 @@ def atomic_directory(target: str | os.PathLike, *, overwrite: bool = False) -> I
     staging directory is renamed to ``target``. When it raises, the staging
     directory is deleted and ``target`` is left as it was.
 
-    An existing ``target`` raises ``FileExistsError`` (before anything is
-    written) unless ``overwrite=True``; then the old directory is renamed
+    An existing ``target`` that is not empty raises ``FileExistsError``
+    (before anything is written) unless ``overwrite=True`` (an empty one is
+    simply replaced); then the old directory is renamed
     aside, the new one renamed in, and the old one deleted, so a crash leaves
     either the old directory, or the new one, or none, never a mixture.
     ``target`` being a file is a ``ValueError``.
@@ -82,7 +84,7 @@ def atomic_directory(target: str | os.PathLike, *, overwrite: bool = False) -> I
     target = Path(target).expanduser()
     if target.exists() and not target.is_dir():
         raise ValueError(f"{target} is a file; a directory was to be written there. Remove it or choose another path.")
-    if target.exists() and not overwrite:
+    if _occupied(target) and not overwrite:
         raise FileExistsError(f"{target} already exists; choose a new directory, or pass overwrite=True to replace "
                               f"it as a whole.")
     staging = staging_directory(target)
@@ -90,12 +92,14 @@ def atomic_directory(target: str | os.PathLike, *, overwrite: bool = False) -> I
         yield staging
         fsync_tree(staging)
         old = None
-        if target.exists():
+        if _occupied(target):
             if not overwrite:
                 raise FileExistsError(f"{target} appeared while it was being written (another process?); it was "
                                       f"left as it is.")
             old = target.parent / f".{target.name}.{uuid.uuid4().hex[:12]}.old"
             target.rename(old)
+        elif target.exists():
+            target.rmdir()  # an empty directory (made by mkdtemp, say) holds nothing to lose
         staging.rename(target)
         fsync_directory(target.parent)
         if old is not None:
@@ -103,3 +107,8 @@ def atomic_directory(target: str | os.PathLike, *, overwrite: bool = False) -> I
     finally:
         if staging.exists():
             shutil.rmtree(staging, ignore_errors=True)
+
+
+def _occupied(path: Path) -> bool:
+    """Whether ``path`` is a directory with something in it."""
+    return path.is_dir() and any(path.iterdir())

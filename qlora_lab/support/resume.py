@@ -16,6 +16,7 @@ import json
 import os
 import random
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -65,17 +66,17 @@ def latest_checkpoint(out_dir: str | os.PathLike) -> Path | None:
     return found[-1][1] if found else None
 
 
-def save_checkpoint(out_dir: Path, step: int, model, optimizer, scheduler, state: dict, keep: int,
-                    base_model: str) -> Path:
-    """Write ``checkpoint-<step>`` all at once (the trainer state is written
-    last, then the whole directory is renamed into place), then delete all
-    but the newest ``keep`` checkpoints. A checkpoint of the same step left by
-    an interrupted run (one that resumed from an earlier checkpoint) is replaced."""
-    from qlora_lab.backends import save_adapter
-
+def save_checkpoint(out_dir: Path, step: int, write_adapter: Callable[[Path], Any], optimizer, scheduler,
+                    state: dict, keep: int) -> Path:
+    """Write ``checkpoint-<step>`` all at once: the adapter (``write_adapter(path)``
+    saves it into the directory ``path``), the optimizer's, scheduler's and
+    random generators' states, and last the trainer state; then the whole
+    directory is renamed into place, and all but the newest ``keep``
+    checkpoints are deleted. A checkpoint of the same step left by an
+    interrupted run (one that resumed from an earlier checkpoint) is replaced."""
     final = Path(out_dir) / f"{CHECKPOINT_PREFIX}{step}"
     with atomic_directory(final, overwrite=True) as staging:
-        save_adapter(model, staging / ADAPTER_DIR, base_model_name_or_path=base_model)
+        write_adapter(staging / ADAPTER_DIR)
         torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                     "rng": rng_state()}, staging / TRAINING_STATE)
         (staging / TRAINER_STATE).write_text(json.dumps(state, indent=1))
