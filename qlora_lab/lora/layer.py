@@ -43,42 +43,6 @@ from qlora_lab.fast.lora import add_scaled_update
 __all__ = ["LoRALinear", "in_out_features", "validate_hyperparameters"]
 
 
-def validate_hyperparameters(r: Any, alpha: Any, dropout: Any) -> None:
-    if isinstance(r, bool) or not isinstance(r, int):
-        raise TypeError(f"LoRA rank r must be an int, got {type(r).__name__} {r!r}; pass e.g. r=8.")
-    if r < 1:
-        raise ValueError(f"LoRA rank r must be at least 1, got {r}; typical values are 4 to 64.")
-    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)):
-        raise TypeError(f"LoRA alpha must be a number, got {type(alpha).__name__} {alpha!r}; pass e.g. alpha=16.")
-    if not (alpha > 0 and math.isfinite(alpha)):
-        raise ValueError(f"LoRA alpha must be a positive finite number (the update is scaled by alpha/r), got {alpha}.")
-    if isinstance(dropout, bool) or not isinstance(dropout, (int, float)):
-        raise TypeError(f"LoRA dropout must be a number, got {type(dropout).__name__} {dropout!r}; pass e.g. 0.05.")
-    if not 0 <= dropout < 1:
-        raise ValueError(f"LoRA dropout must satisfy 0 <= dropout < 1, got {dropout}; use 0.0 for no dropout.")
-
-
-def in_out_features(base: nn.Module) -> tuple[int, int]:
-    """``(in_features, out_features)`` of a linear-like module (see the
-    module docstring for the protocol)."""
-    fin, fout = getattr(base, "in_features", None), getattr(base, "out_features", None)
-    if isinstance(fin, int) and isinstance(fout, int) and not isinstance(fin, bool):
-        return fin, fout
-    weight = getattr(base, "weight", None)
-    if isinstance(weight, torch.Tensor) and weight.dim() == 2 and weight.dtype.is_floating_point:
-        return weight.shape[1], weight.shape[0]
-    raise TypeError(
-        f"LoRALinear cannot tell the sizes of a {type(base).__name__}: give it integer attributes "
-        f"in_features and out_features (as nn.Linear has), or a 2-D float weight of shape (out, in)."
-    )
-
-
-def _device_of(module: nn.Module) -> torch.device:
-    for tensor in list(module.parameters()) + list(module.buffers()):
-        return tensor.device
-    return torch.device("cpu")
-
-
 class LoRALinear(nn.Module):
     """A frozen linear layer plus a trainable low-rank update (LoRA, Sec. 4.1).
 
@@ -200,25 +164,41 @@ def _add_to_base_weight(base: nn.Module, delta: torch.Tensor, subtract: bool) ->
         weight.data += delta
 
 
-def _add_to_base_weight(base: nn.Module, delta: torch.Tensor, subtract: bool) -> None:
-    """Add (or subtract) ``delta`` to the dense weight of ``base`` (protocol in the module docstring)."""
-    hook = getattr(base, "add_to_weight", None)
-    if callable(hook):
-        hook(-delta if subtract else delta)
-        return
+# --------------------------------------------------------------------------- #
+# Checks and sizes
+# --------------------------------------------------------------------------- #
+def validate_hyperparameters(r: Any, alpha: Any, dropout: Any) -> None:
+    """A clear TypeError or ValueError for a rank, alpha or dropout LoRA cannot use."""
+    if isinstance(r, bool) or not isinstance(r, int):
+        raise TypeError(f"LoRA rank r must be an int, got {type(r).__name__} {r!r}; pass e.g. r=8.")
+    if r < 1:
+        raise ValueError(f"LoRA rank r must be at least 1, got {r}; typical values are 4 to 64.")
+    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)):
+        raise TypeError(f"LoRA alpha must be a number, got {type(alpha).__name__} {alpha!r}; pass e.g. alpha=16.")
+    if not (alpha > 0 and math.isfinite(alpha)):
+        raise ValueError(f"LoRA alpha must be a positive finite number (the update is scaled by alpha/r), got {alpha}.")
+    if isinstance(dropout, bool) or not isinstance(dropout, (int, float)):
+        raise TypeError(f"LoRA dropout must be a number, got {type(dropout).__name__} {dropout!r}; pass e.g. 0.05.")
+    if not 0 <= dropout < 1:
+        raise ValueError(f"LoRA dropout must satisfy 0 <= dropout < 1, got {dropout}; use 0.0 for no dropout.")
+
+
+def in_out_features(base: nn.Module) -> tuple[int, int]:
+    """``(in_features, out_features)`` of a linear-like module (see the
+    module docstring for the protocol)."""
+    fin, fout = getattr(base, "in_features", None), getattr(base, "out_features", None)
+    if isinstance(fin, int) and isinstance(fout, int) and not isinstance(fin, bool):
+        return fin, fout
     weight = getattr(base, "weight", None)
-    if not (isinstance(weight, nn.Parameter) and weight.dtype.is_floating_point):
-        found = "no weight" if weight is None else f"a {type(weight).__name__} of dtype {getattr(weight, 'dtype', '?')}"
-        raise TypeError(
-            f"Cannot merge a LoRA adapter into a {type(base).__name__}: merging needs a dense floating-point "
-            f"nn.Parameter `weight`, and this layer has {found}. A layer that stores its weight in another form "
-            f"(e.g. packed 4-bit) can support merging by defining add_to_weight(delta)."
-        )
-    if weight.shape != delta.shape:
-        raise ValueError(f"Cannot merge: the base weight has shape {tuple(weight.shape)}, the LoRA update "
-                         f"{tuple(delta.shape)}; merging needs a weight of shape (out_features, in_features).")
-    # Mirrors peft: merge adds the update with type promotion, unmerge casts it first.
-    if subtract:
-        weight.data -= delta.to(weight.dtype)
-    else:
-        weight.data += delta
+    if isinstance(weight, torch.Tensor) and weight.dim() == 2 and weight.dtype.is_floating_point:
+        return weight.shape[1], weight.shape[0]
+    raise TypeError(
+        f"LoRALinear cannot tell the sizes of a {type(base).__name__}: give it integer attributes "
+        f"in_features and out_features (as nn.Linear has), or a 2-D float weight of shape (out, in)."
+    )
+
+
+def _device_of(module: nn.Module) -> torch.device:
+    for tensor in list(module.parameters()) + list(module.buffers()):
+        return tensor.device
+    return torch.device("cpu")
