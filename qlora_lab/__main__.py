@@ -8,7 +8,7 @@
 
 Settings of a preset can be changed with ``--max-steps``, ``--model``,
 ``--data``, ``--backend`` or ``--set name=value`` (any field of
-``qlora_lab.train.TrainConfig``). ``--backend`` chooses who builds the model:
+``qlora_lab.recipe.TrainConfig``). ``--backend`` chooses who builds the model:
 ``bitsandbytes`` (transformers + bitsandbytes + peft, the default on CUDA) or
 ``qlora_lab`` (the course's layers, the default on a CPU); see ``qlora_lab.backends``.
 """
@@ -41,8 +41,7 @@ def _parse_value(text: str, current):
 
 
 def resolve_config(args) -> "TrainConfig":  # noqa: F821
-    from qlora_lab.recipe import renamed_hint
-    from qlora_lab.train import PRESETS, TrainConfig, preset
+    from qlora_lab.recipe import PRESETS, TrainConfig, preset, renamed_hint
 
     defaults = PRESETS[args.preset]
     overrides = {}
@@ -152,7 +151,7 @@ def finetune(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from qlora_lab.train import PRESETS
+    from qlora_lab.recipe import PRESETS
 
     parser = argparse.ArgumentParser(prog="python -m qlora_lab", description="qlora-lab commands")
     commands = parser.add_subparsers(dest="command", required=True)

@@ -44,7 +44,8 @@ def run(steps: int = 300, out_dir: str | Path = "runs/experiments", results: str
     """Train each method for ``steps`` steps with the ``smollm2-cpu`` preset and
     write the scores, losses and evaluations to ``results`` (JSON)."""
     from qlora_lab.models import load_smollm2
-    from qlora_lab.train import preset, train
+    from qlora_lab.recipe import preset
+    from qlora_lab.train import train
 
     if steps < 1:
         raise ValueError(f"steps must be positive, got {steps}")
