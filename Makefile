@@ -88,7 +88,7 @@ bench: $(STAMP)
 	$(BIN)/python bench/run_all.py $(BENCH_ARGS)
 
 # QLoRA against 16-bit LoRA on SmolLM2, longer than CI allows (about an hour on
-# one core, about 35 min on two); writes notebooks/results/experiments.json, which chapter 07 plots.
+# one core, about 35 min on two); writes qlora_lab/results/experiments.json, which chapter 07 plots.
 EXPERIMENT_STEPS ?= 300
 experiments: $(STAMP)
 	$(BIN)/python -m qlora_lab experiments --steps $(EXPERIMENT_STEPS)

@@ -10,18 +10,20 @@ module                    idea                                            chapte
 ``qlora_lab.env_check``   is the environment what the course pins?        00
 ``qlora_lab.int8``        absmax / zero-point int8, LLM.int8 vector-wise  01
 ``qlora_lab.nf4``         NormalFloat, FP4, Int4; block-wise 4-bit         02
-``qlora_lab.evaluate``    perplexity on the course's fixed text           02
+``qlora_lab.evaluate``    perplexity, evaluation loss, exact match        02, 07
 ``qlora_lab.double_quant``  quantizing the quantization constants         03
 ``qlora_lab.memory``      what finetuning costs, 7B to 65B                03
 ``qlora_lab.activations`` what autograd keeps for the backward pass       03
 ``qlora_lab.memory_report``  the estimates as tables and a chart         03
-``qlora_lab.lora``        low-rank adapters                               04
+``qlora_lab.lora``        low-rank adapters: the layer, surgery, peft's   04
+                          file format, counting (a package)
 ``qlora_lab.qlora``       the QLoRA layer: frozen NF4 weight + LoRA       05
 ``qlora_lab.device_pool`` a device's memory as a budget with allocator  06
 ``qlora_lab.pager``       pages that move between device and host         06
 ``qlora_lab.paged``       a paged AdamW surviving memory spikes           06
 ``qlora_lab.paged_step``  a training run on the simulated device          06
 ``qlora_lab.data``        instruction data, chat template, labels         07
+``qlora_lab.recipe``      the Guanaco recipe's settings and presets       07
 ``qlora_lab.train``       the Guanaco recipe as a training loop           07
 ``qlora_lab.backends``    the course's layers or transformers +           07
                           bitsandbytes + peft: who builds the model
@@ -31,7 +33,9 @@ module                    idea                                            chapte
 ========================  ==============================================  =========
 
 Submodules are imported on use (``from qlora_lab import nf4``), so importing
-the package itself is cheap.
+the package itself is cheap. Speed tricks live in ``qlora_lab.fast``, plumbing
+(atomic writes, resuming, package files, quiet loading) in ``qlora_lab.support``,
+the exercise checkers in ``qlora_lab.exercises``.
 """
 
 import logging as _logging

@@ -8,7 +8,7 @@
 
 Settings of a preset can be changed with ``--max-steps``, ``--model``,
 ``--data``, ``--backend`` or ``--set name=value`` (any field of
-``qlora_lab.train.TrainConfig``). ``--backend`` chooses who builds the model:
+``qlora_lab.recipe.TrainConfig``). ``--backend`` chooses who builds the model:
 ``bitsandbytes`` (transformers + bitsandbytes + peft, the default on CUDA) or
 ``qlora_lab`` (the course's layers, the default on a CPU); see ``qlora_lab.backends``.
 """
@@ -41,7 +41,7 @@ def _parse_value(text: str, current):
 
 
 def resolve_config(args) -> "TrainConfig":  # noqa: F821
-    from qlora_lab.train import PRESETS, TrainConfig, preset
+    from qlora_lab.recipe import PRESETS, TrainConfig, preset, renamed_hint
 
     defaults = PRESETS[args.preset]
     overrides = {}
@@ -51,7 +51,8 @@ def resolve_config(args) -> "TrainConfig":  # noqa: F821
             raise ValueError(f"--set takes name=value, got {item!r}")
         name, value = item.split("=", 1)
         if name not in fields:
-            raise ValueError(f"--set {name}: unknown setting; valid settings: {', '.join(sorted(fields))}")
+            raise ValueError(f"--set {name}: unknown setting{renamed_hint([name])}; valid settings: "
+                             f"{', '.join(sorted(fields))}")
         try:
             overrides[name] = _parse_value(value, getattr(defaults, name))
         except ValueError as err:
@@ -82,7 +83,7 @@ def memory_estimate_text(config, device_type: str = "cuda") -> str:
     full = memory.estimate(model_config_source(config), "full16", seq_len=config.max_length,
                            batch=config.batch_size, gradient_checkpointing=config.gradient_checkpointing)
     compute = breakdown.settings["compute_dtype"].removeprefix("torch.")
-    text = (f"memory estimate for {breakdown.model} ({config.method}, r={config.lora_r}, batch {config.batch_size} x "
+    text = (f"memory estimate for {breakdown.model} ({config.method}, r={config.r}, batch {config.batch_size} x "
             f"{config.max_length} tokens, checkpointing {'on' if config.gradient_checkpointing else 'off'}, "
             f"{compute} compute, float32 adapters, 32-bit Adam states, on {device_type}):\n{breakdown}\n"
             f"full 16-bit finetuning of the same model would need about {full.total / 1e9:.1f} GB")
@@ -150,7 +151,7 @@ def finetune(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from qlora_lab.train import PRESETS
+    from qlora_lab.recipe import PRESETS
 
     parser = argparse.ArgumentParser(prog="python -m qlora_lab", description="qlora-lab commands")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -179,16 +180,17 @@ def build_parser() -> argparse.ArgumentParser:
     ex = commands.add_parser("experiments", help="QLoRA vs 16-bit LoRA on SmolLM2, longer than CI allows")
     ex.add_argument("--steps", type=int, default=300)
     ex.add_argument("--out", default="runs/experiments", help="where the runs' checkpoints go")
-    ex.add_argument("--results", default=None, help="the JSON file to write (default notebooks/results/experiments.json)")
+    ex.add_argument("--results", default=None, help="the JSON file to write (default qlora_lab/results/experiments.json)")
     ex.add_argument("--per-task", type=int, default=None, dest="per_task",
                     help="score only this many test items per task (default: all)")
     return parser
 
 
 def experiments(args) -> int:
-    from qlora_lab.experiments import DEFAULT_RESULTS, run
+    from qlora_lab.experiments import run
+    from qlora_lab.support.resources import EXPERIMENT_RESULTS
 
-    summary = run(steps=args.steps, out_dir=args.out, results=args.results or DEFAULT_RESULTS, per_task=args.per_task)
+    summary = run(steps=args.steps, out_dir=args.out, results=args.results or EXPERIMENT_RESULTS, per_task=args.per_task)
     print(f"before: exact match {summary['before']['exact_match']:.1%}")
     for method, r in summary["runs"].items():
         print(f"{method}: exact match {r['test']['exact_match']:.1%} after {args.steps} steps ({r['seconds'] / 60:.1f} min)")

@@ -37,11 +37,12 @@ from __future__ import annotations
 import contextlib
 import math
 import os
-import shutil
 import tempfile
 from pathlib import Path
 
 import torch
+
+from qlora_lab.support.atomic import atomic_directory
 
 __all__ = [
     "BACKENDS",
@@ -244,7 +245,7 @@ def build_model(config, device: torch.device, backend: str, model=None, tokenize
     if backend == "bitsandbytes":
         model, tokenizer = _load_bitsandbytes(config, device, dtype, model, tokenizer)
         data_lib.ensure_chat_template(tokenizer)
-        model = peft_lora(model, config.lora_r, config.lora_alpha, config.lora_dropout, config.target_modules,
+        model = peft_lora(model, config.r, config.lora_alpha, config.lora_dropout, config.target_modules,
                           draw_like_add_lora=True)
     else:
         model, tokenizer = _build_qlora_lab(config, device, dtype, model, tokenizer)
@@ -257,7 +258,8 @@ def build_model(config, device: torch.device, backend: str, model=None, tokenize
 def _build_qlora_lab(config, device: torch.device, dtype: torch.dtype, model, tokenizer):
     from qlora_lab import data as data_lib
     from qlora_lab.lora import add_lora
-    from qlora_lab.models import checkpoint_directory, load_model, quiet_loading
+    from qlora_lab.models import checkpoint_directory, load_model
+    from qlora_lab.support.loading import quiet_loading
     from qlora_lab.qlora import quantize_model
 
     quantized = False
@@ -281,7 +283,7 @@ def _build_qlora_lab(config, device: torch.device, dtype: torch.dtype, model, to
         quantize_model(model, quant_type=config.quant_type, double_quant=config.double_quant,
                        blocksize=config.blocksize, compute_dtype=dtype, device=device)
     model.to(device)
-    add_lora(model, r=config.lora_r, alpha=config.lora_alpha, dropout=config.lora_dropout,
+    add_lora(model, r=config.r, alpha=config.lora_alpha, dropout=config.lora_dropout,
              target_modules=config.target_modules)
     return model, tokenizer
 
@@ -322,7 +324,7 @@ def run_estimate(config, device_type: str = "cuda"):
     optimizer = config.optimizer if config.optimizer != "auto" else (
         "paged_adamw_32bit" if device_type == "cuda" else "adamw")
     return memory.estimate(
-        model_config_source(config), config.method, lora_r=config.lora_r, seq_len=config.max_length,
+        model_config_source(config), config.method, lora_r=config.r, seq_len=config.max_length,
         batch=config.batch_size, gradient_checkpointing=config.gradient_checkpointing, weight_dtype=dtype,
         compute_dtype=dtype, adapter_dtype=torch.float32, optimizer_state_bytes=8, lora_dropout=config.lora_dropout,
         optimizer_temporaries="fused" if optimizer == "paged_adamw_32bit" else "per-tensor",
@@ -395,30 +397,25 @@ def memory_plan(config, device_type: str = "cuda") -> list[dict]:
 def save_adapter(model, path: str | os.PathLike, *, base_model_name_or_path: str | None = None,
                  overwrite: bool = False) -> Path:
     """Write the model's adapters in peft's format (both backends write the
-    same files: ``adapter_config.json`` and ``adapter_model.safetensors``)."""
+    same files: ``adapter_config.json`` and ``adapter_model.safetensors``).
+    For a peft model the directory is written all at once; an existing
+    adapter directory is replaced, one holding other files is refused
+    (``overwrite`` only applies to the course's models, which keep them)."""
     from qlora_lab import lora
 
     if not is_peft_model(model):
         return lora.save_adapter(model, path, base_model_name_or_path=base_model_name_or_path, overwrite=overwrite)
     target = Path(path).expanduser()
-    if target.exists() and not overwrite and any(p.name not in lora.ADAPTER_FILES for p in target.iterdir()):
-        raise ValueError(f"{target} holds files that are not part of an adapter; choose a new directory or pass "
-                         f"overwrite=True")
+    others = sorted(p.name for p in target.iterdir() if p.name not in lora.ADAPTER_FILES) if target.is_dir() else []
+    if others:
+        raise ValueError(f"{target} holds files that are not part of an adapter ({', '.join(others[:5])}); choose a "
+                         f"new directory (a peft model's adapter replaces its directory as a whole)")
     if base_model_name_or_path is not None:
         model.peft_config["default"].base_model_name_or_path = str(base_model_name_or_path)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
-    try:
+    # An existing adapter directory is replaced, as qlora_lab.lora.save_adapter does.
+    with atomic_directory(target, overwrite=target.is_dir()) as staging:
         # No embedding layers are trained: do not ask the hub whether the base vocabulary changed.
         model.save_pretrained(staging, safe_serialization=True, save_embedding_layers=False)
-        target.mkdir(exist_ok=True)
-        # As qlora_lab.lora.save_adapter: the old config out first, the new one in last.
-        (target / lora.CONFIG_NAME).unlink(missing_ok=True)
-        for name in sorted(p.name for p in staging.iterdir() if p.name != lora.CONFIG_NAME):
-            os.replace(staging / name, target / name)
-        os.replace(staging / lora.CONFIG_NAME, target / lora.CONFIG_NAME)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
     return target
 
 

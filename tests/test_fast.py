@@ -236,3 +236,80 @@ def test_fake_quantization_round_trip_equals_the_definitions(dtype):
                                                           blocksize, x.shape, x.dtype)
                 got = fake_quant.round_trip(x, blocksize=blocksize, code=code)
                 assert torch.equal(got.view(torch.uint8), expected.view(torch.uint8))
+
+
+# --------------------------------------------------------------------------- #
+# qlora_lab.fast.lora: the scaled LoRA update added in one pass
+# --------------------------------------------------------------------------- #
+def reference_add(result, update, scaling):
+    """peft's lora.Linear.forward, last line."""
+    return result + update * scaling
+
+
+def same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Equal bit patterns (NaN equals NaN, -0.0 differs from 0.0)."""
+    if a.dtype != b.dtype or a.shape != b.shape:
+        return False
+    view = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}[a.element_size()]
+    return torch.equal(a.contiguous().view(view), b.contiguous().view(view))
+
+
+SCALINGS = [2.0, 1.0, 0.5, 0.25, 16 / 64, 32 / 16, 16 / 24, 0.3, 3.0]  # powers of two and not
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64])
+@pytest.mark.parametrize("scaling", SCALINGS)
+def test_add_scaled_update_equals_pefts_two_operations_on_random_inputs(dtype, scaling):
+    from qlora_lab.fast.lora import add_scaled_update
+
+    generator = torch.Generator().manual_seed(7)
+    for shape, magnitude in [((33, 70), 1.0), ((4, 9, 128), 1e-3), ((1, 5), 1e4)]:
+        result = (torch.randn(shape, generator=generator) * magnitude).to(dtype)
+        update = (torch.randn(shape, generator=generator) * magnitude).to(dtype)
+        assert same_bits(add_scaled_update(result, update, scaling), reference_add(result, update, scaling))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("scaling", [2.0, 0.25, 0.3])
+def test_add_scaled_update_on_adversarial_inputs(dtype, scaling):
+    """Signed zeros, exact cancellation, infinities and NaN, ties in the last
+    bit, values at the edges of the range where the product stays normal, and
+    float16 subnormals (where the fused add would round differently, so it is
+    not used)."""
+    from qlora_lab.fast.lora import add_scaled_update
+
+    info = torch.finfo(dtype)
+    tiny, huge, eps = info.tiny, info.max, info.eps
+    inf, nan = float("inf"), float("nan")
+    lo = tiny / min(scaling, 1.0) * 4  # the smallest magnitude whose product is still normal
+    hi = huge / max(scaling, 1.0) / 4  # the largest whose product cannot overflow
+    result = torch.tensor([0.0, -0.0, 0.0, -0.0, 1.0, 1.0, 1.0 + eps, -lo, lo, hi, -hi, inf, -inf, nan, 1.0, 3.0,
+                           info.max, -1.0], dtype=torch.float64)
+    update = torch.tensor([0.0, -0.0, -0.0, 0.0, -1.0 / scaling, eps / 2 / scaling, eps / 2 / scaling, lo, lo, -hi,
+                           hi, 1.0, 1.0, 1.0, inf, nan, -hi, 1.0 / scaling], dtype=torch.float64)
+    result, update = result.to(dtype), update.to(dtype)
+    assert same_bits(add_scaled_update(result, update, scaling), reference_add(result, update, scaling))
+    if dtype == torch.float16:
+        # float16 subnormals; the last pair is a tie that a rounded product could break the other way
+        sub = torch.tensor([6.0e-8, 1.8e-7, 3.0e-5, -5.9e-8, 2.0**-23], dtype=dtype)
+        base = torch.tensor([0.0, 6.2e-5, -6.2e-5, 1.3e-4, 2.0**-14 + 2.0**-24], dtype=dtype)
+        assert same_bits(add_scaled_update(base, sub, scaling), reference_add(base, sub, scaling))
+
+
+def test_add_scaled_update_with_mixed_dtypes_promotes_as_the_reference_does():
+    from qlora_lab.fast.lora import add_scaled_update
+
+    generator = torch.Generator().manual_seed(8)
+    for result_dtype, update_dtype in [(torch.bfloat16, torch.float32), (torch.float32, torch.bfloat16),
+                                       (torch.float16, torch.float32)]:
+        result = torch.randn(16, 40, generator=generator).to(result_dtype)
+        update = torch.randn(16, 40, generator=generator).to(update_dtype)
+        for scaling in (2.0, 0.25, 0.3):
+            assert same_bits(add_scaled_update(result, update, scaling), reference_add(result, update, scaling))
+
+
+def test_lora_linear_trains_with_the_fast_add():
+    import qlora_lab.fast.lora
+    import qlora_lab.lora.layer
+
+    assert qlora_lab.lora.layer.add_scaled_update is qlora_lab.fast.lora.add_scaled_update

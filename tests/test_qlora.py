@@ -279,7 +279,8 @@ def bnb_smollm2():
     double quantization, float32 compute on CPU)."""
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
-    from qlora_lab.models import _quiet_loading, smollm2_cache_path
+    from qlora_lab.models import smollm2_cache_path
+    from qlora_lab.support.loading import quiet_loading as _quiet_loading
 
     config = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
                                 bnb_4bit_compute_dtype=torch.float32)

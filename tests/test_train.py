@@ -14,7 +14,8 @@ import torch
 from safetensors.torch import load_file
 
 from qlora_lab import data as data_lib
-from qlora_lab.train import TrainConfig, latest_checkpoint, preset, train
+from qlora_lab.support.resume import latest_checkpoint
+from qlora_lab.train import TrainConfig, preset, train
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -145,7 +146,7 @@ def test_the_adapter_loads_in_stock_peft(uninterrupted):
 def test_the_7b_preset_is_the_guanaco_recipe():
     config = preset("llama-7b-gpu")
     assert (config.method, config.quant_type, config.double_quant, config.compute_dtype) == ("qlora", "nf4", True, "bfloat16")
-    assert (config.lora_r, config.lora_alpha, config.lora_dropout, config.target_modules) == (64, 16.0, 0.1, "all-linear")
+    assert (config.r, config.lora_alpha, config.lora_dropout, config.target_modules) == (64, 16.0, 0.1, "all-linear")
     assert (config.optimizer, config.learning_rate, config.max_grad_norm) == ("paged_adamw_32bit", 2e-4, 0.3)
     assert (config.batch_size, config.gradient_accumulation_steps, config.max_steps) == (1, 16, 1875)
     assert config.warmup_ratio == 0.03 and config.warmup_steps == 57
@@ -157,6 +158,8 @@ def test_presets_reject_unknown_or_bad_settings():
         preset("gpt-5")
     with pytest.raises(ValueError, match="unknown setting"):
         preset("smollm2-cpu", learning_rat=1.0)
+    with pytest.raises(ValueError, match="lora_r is now r"):
+        preset("smollm2-cpu", lora_r=8)
     with pytest.raises(ValueError, match="max_steps must be a positive integer"):
         preset("smollm2-cpu", max_steps=0)
     with pytest.raises(ValueError, match="warmup_ratio"):
@@ -179,14 +182,16 @@ def test_cli_refuses_the_7b_preset_without_a_gpu(tmp_path):
 def test_cli_dry_run_prints_the_recipe_and_the_memory_estimate():
     result = run_cli("finetune", "--preset", "llama-7b-gpu", "--dry-run")
     assert result.returncode == 0, result.stderr
-    assert '"learning_rate": 0.0002' in result.stdout and '"lora_r": 64' in result.stdout
+    assert '"learning_rate": 0.0002' in result.stdout and '"r": 64' in result.stdout
     assert "memory estimate for llama-7b" in result.stdout
     assert "full 16-bit finetuning of the same model would need" in result.stdout
 
 
 def test_cli_explains_bad_arguments(tmp_path):
-    result = run_cli("finetune", "--preset", "smollm2-cpu", "--set", "lora_r=abc", "--out", str(tmp_path))
-    assert result.returncode == 2 and "lora_r=abc" in result.stderr
+    result = run_cli("finetune", "--preset", "smollm2-cpu", "--set", "r=abc", "--out", str(tmp_path))
+    assert result.returncode == 2 and "r=abc" in result.stderr
+    result = run_cli("finetune", "--preset", "smollm2-cpu", "--set", "lora_r=8", "--out", str(tmp_path))
+    assert result.returncode == 2 and "lora_r is now r" in result.stderr
     result = run_cli("finetune", "--preset", "smollm2-cpu")
     assert result.returncode == 2 and "--out" in result.stderr
 

@@ -1,11 +1,28 @@
 """Checkers for the exercises at the end of each chapter notebook (one module per chapter).
 
-Every checker follows one contract: for the notebook's skeleton (a function
-that raises ``NotImplementedError``) it prints "Exercise N: not attempted yet"
-and returns False without raising; for a wrong answer it prints what is wrong
+Every checker follows one contract, so that a checker cell never stops a
+notebook: for the notebook's skeleton (a function that raises
+``NotImplementedError``) it prints "Exercise N: not attempted yet" and returns
+False; for a function that raises anything else it prints the exception and
+where to look, and returns False; for a wrong answer it prints what is wrong
 and returns False; for a right one it prints "Exercise N: correct" and returns
 True.
+
+Checkers call the learner's function in one way, :func:`call_learner`, and are
+wrapped in :func:`checker`, which turns an answer the checker cannot even
+inspect (a wrong type deep inside a result, say) into the same kind of
+feedback.
 """
+
+from __future__ import annotations
+
+import functools
+import traceback
+from pathlib import Path
+
+__all__ = ["call_learner", "checker", "not_attempted"]
+
+_PACKAGE_DIR = Path(__file__).resolve().parent.parent
 
 
 def not_attempted(number: int) -> bool:
@@ -14,14 +31,54 @@ def not_attempted(number: int) -> bool:
     return False
 
 
+def _learner_line(err: BaseException) -> str | None:
+    """Where in the learner's own code (not torch's, not the course's) the error
+    happened: ``line N: <source>``, or None if it cannot be told."""
+    frames = traceback.extract_tb(err.__traceback__)
+    mine = [f for f in frames if not (Path(f.filename).resolve().is_relative_to(_PACKAGE_DIR)
+                                      or "site-packages" in f.filename or "/lib/python" in f.filename)]
+    if not mine:
+        return None
+    frame = mine[-1]
+    source = f": {frame.line.strip()}" if frame.line else ""
+    return f"line {frame.lineno} of {frame.name}{source}"
+
+
+def report_exception(number: int, err: BaseException, what: str = "your function raised") -> bool:
+    """Print what went wrong in the learner's code and what to check; the verdict is False."""
+    print(f"Exercise {number}: {what} {type(err).__name__}: {err}")
+    where = _learner_line(err)
+    if where is not None:
+        print(f"  It happened at {where}.")
+    print("  Check the shapes, dtypes and types your function receives and returns (the exercise's text says "
+          "which); to see the whole traceback, call your function on a small example in a cell of its own.")
+    return False
+
+
 def call_learner(number: int, fn, *args):
-    """Run the learner's function; ``(True, result)``, or ``(False, None)`` after
-    printing why (a skeleton or an exception never stops the notebook)."""
+    """Run the learner's function ``fn(*args)``: ``(True, result)``, or
+    ``(False, None)`` after printing why (a skeleton is "not attempted yet",
+    any other exception is reported with where it happened)."""
     try:
         return True, fn(*args)
     except NotImplementedError:
         not_attempted(number)
         return False, None
     except Exception as err:  # noqa: BLE001 - report any mistake to the learner instead of failing
-        print(f"Exercise {number}: your function raised {type(err).__name__}: {err}")
+        report_exception(number, err)
         return False, None
+
+
+def checker(number: int):
+    """Decorate exercise ``number``'s checker: an exception while it inspects
+    the learner's answer (a value of an unexpected type, say) becomes feedback
+    and a False verdict instead of a crashed notebook cell."""
+    def wrap(check):
+        @functools.wraps(check)
+        def run(*args, **kwargs) -> bool:
+            try:
+                return check(*args, **kwargs)
+            except Exception as err:  # noqa: BLE001
+                return report_exception(number, err, "your answer could not be checked:")
+        return run
+    return wrap

@@ -9,9 +9,10 @@ from __future__ import annotations
 from collections import Counter
 
 import torch
-from qlora_lab.exercises import not_attempted
+from qlora_lab.exercises import call_learner, checker
 
 
+@checker(1)
 def check_exercise_1(format_chatml, tokenizer) -> bool:
     """``format_chatml(messages)`` must return exactly the string the tokenizer's
     chat template makes with ``add_generation_prompt=True``, for conversations
@@ -27,10 +28,9 @@ def check_exercise_1(format_chatml, tokenizer) -> bool:
     ]
     for conversation in conversations:
         expected = tokenizer.apply_chat_template(conversation, tokenize=False, add_generation_prompt=True)
-        try:
-            got = format_chatml(conversation)
-        except NotImplementedError:
-            return not_attempted(1)
+        ok, got = call_learner(1, format_chatml, conversation)
+        if not ok:
+            return False
         if got != expected:
             print(f"Exercise 1: for {conversation!r}\n  expected {expected!r}\n  got      {got!r}")
             if "system" not in {m["role"] for m in conversation} and "system" not in str(got):
@@ -62,14 +62,14 @@ def parameter_counts_by_kind(model: torch.nn.Module) -> dict[str, int]:
     return {k: v for k, v in counts.items() if v}
 
 
+@checker(2)
 def check_exercise_2(count_by_kind, model) -> bool:
     """``count_by_kind(model)`` must return ``{"embedding": ..., "linear": ...,
     "norm": ...}`` with each parameter tensor counted once."""
     expected = parameter_counts_by_kind(model)
-    try:
-        got = count_by_kind(model)
-    except NotImplementedError:
-        return not_attempted(2)
+    ok, got = call_learner(2, count_by_kind, model)
+    if not ok:
+        return False
     if not isinstance(got, dict):
         print(f"Exercise 2: return a dict, got {type(got).__name__}")
         return False

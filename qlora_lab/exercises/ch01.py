@@ -13,12 +13,13 @@ import math
 import torch
 
 from qlora_lab import int8
-from qlora_lab.exercises import call_learner, not_attempted
+from qlora_lab.exercises import call_learner, checker
 
 
 # ---------------------------------------------------------------- exercise 1
 
 
+@checker(1)
 def check_exercise_1(decode_bfloat16) -> bool:
     """``decode_bfloat16(pattern)`` takes an int in ``0..65535`` (the 16 bits of a
     bfloat16) and returns its value as a Python float. Checked on all 65536
@@ -67,6 +68,7 @@ def _exercise_2_data() -> tuple[torch.Tensor, torch.Tensor]:
     return x, w
 
 
+@checker(2)
 def check_exercise_2(int8_linear) -> bool:
     """``int8_linear(x, w)`` must compute ``x @ w.T`` the LLM.int8() way without
     outliers: int8 codes for every row of ``x`` and every row of ``w`` (absmax, 127
@@ -129,6 +131,7 @@ def _exercise_3_data() -> tuple[torch.Tensor, torch.Tensor]:
     return x, w
 
 
+@checker(3)
 def check_exercise_3(int8_matmul_inliers) -> bool:
     """``int8_matmul_inliers(x, w, threshold)``: like ``int8_matmul(x, w, threshold)``, but
     each row's absmax (its scale) is computed over the columns that are not outlier

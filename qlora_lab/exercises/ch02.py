@@ -10,29 +10,19 @@ from __future__ import annotations
 import torch
 
 from qlora_lab import nf4
-from qlora_lab.exercises import not_attempted
+from qlora_lab.exercises import call_learner, checker
 
 
-def _call(number: int, fn, *args):
-    """``(result, None)``, or ``(None, verdict)`` when ``fn`` is a skeleton or fails."""
-    try:
-        return fn(*args), None
-    except NotImplementedError:
-        return None, not_attempted(number)
-    except Exception as err:  # a learner's bug: report it instead of failing the notebook
-        print(f"Exercise {number}: calling your function raised {type(err).__name__}: {err}")
-        return None, False
-
-
+@checker(1)
 def check_exercise_1(my_normal_float_code) -> bool:
     """``my_normal_float_code(bits)`` must return the asymmetric NF-k code
     (``qlora_lab.nf4.normal_float_code(bits)``) for k = 2, 3, 4: ``2**k`` sorted
     values, within 1e-6 of the reference (float64 arithmetic is fine)."""
     for bits in (4, 3, 2):
         expected = nf4.normal_float_code(bits)
-        got, verdict = _call(1, my_normal_float_code, bits)
-        if verdict is not None:
-            return verdict
+        ok, got = call_learner(1, my_normal_float_code, bits)
+        if not ok:
+            return False
         if not isinstance(got, torch.Tensor):
             print(f"Exercise 1: return a torch.Tensor, got {type(got).__name__}")
             return False
@@ -74,16 +64,17 @@ def _cases():
     return cases
 
 
+@checker(2)
 def check_exercise_2(my_dequantize) -> bool:
     """``my_dequantize(packed, absmax, code, blocksize, shape)`` must return the
     float32 tensor of ``shape`` that ``qlora_lab.nf4.dequantize_4bit`` returns,
     exactly, for NF4, FP4 and Int4 tensors with full and partial blocks."""
     for packed, state, quant_type in _cases():
         expected = nf4.dequantize_4bit(packed, state)
-        got, verdict = _call(2, my_dequantize, packed.clone(), state.absmax.clone(), state.code.clone(),
-                             state.blocksize, tuple(state.shape))
-        if verdict is not None:
-            return verdict
+        ok, got = call_learner(2, my_dequantize, packed.clone(), state.absmax.clone(), state.code.clone(),
+                               state.blocksize, tuple(state.shape))
+        if not ok:
+            return False
         where = f"{quant_type}, shape {tuple(state.shape)}, blocks of {state.blocksize}"
         if not isinstance(got, torch.Tensor):
             print(f"Exercise 2: return a torch.Tensor, got {type(got).__name__}")

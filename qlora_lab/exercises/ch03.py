@@ -11,10 +11,11 @@ from __future__ import annotations
 import torch
 
 from qlora_lab.double_quant import double_dequantize, double_quantize, dynamic_map, storage_bytes
-from qlora_lab.exercises import call_learner, not_attempted
+from qlora_lab.exercises import call_learner, checker
 from qlora_lab.nf4 import quantize_4bit
 
 
+@checker(1)
 def check_exercise_1(constants_bytes) -> bool:
     """``constants_bytes(numel, blocksize, double_quant)`` must return the bytes
     of the quantization constants of a 4-bit tensor of ``numel`` values (no
@@ -52,6 +53,7 @@ def _cases():
     yield torch.full((40,), 0.25)                                   # every constant equal to the mean
 
 
+@checker(2)
 def check_exercise_2(my_double_quantize) -> bool:
     """``my_double_quantize(absmax, blocksize)`` must return ``(codes, nested_absmax,
     offset)`` as ``qlora_lab.double_quant.double_quantize`` does: ``offset`` the

@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from qlora_lab.exercises import call_learner, not_attempted
+from qlora_lab.exercises import call_learner, checker
 from qlora_lab.lora import LoRALinear, lora_parameter_count
 
 
@@ -38,6 +38,7 @@ def _reference_merge(W, A, B, alpha):
     return layer.base.weight.detach().clone()
 
 
+@checker(1)
 def check_exercise_1(merged_weight) -> bool:
     """``merged_weight(W, A, B, alpha)`` must return a new tensor equal to the
     base weight after merging (``LoRALinear.merge``): ``W + (alpha / r) B A``
@@ -81,6 +82,7 @@ _EXERCISE_2_CASES = [
 ]
 
 
+@checker(2)
 def check_exercise_2(llama_lora_params) -> bool:
     """``llama_lora_params(hidden, intermediate, num_layers, r)`` must return
     the trainable parameters of LoRA rank ``r`` on all seven linear layers of
@@ -123,6 +125,7 @@ def _exercise_3_cases():
     yield smooth.T.contiguous(), 8  # r above the rank: the error must be (about) zero
 
 
+@checker(3)
 def check_exercise_3(best_low_rank_factors) -> bool:
     """``best_low_rank_factors(delta, r)`` must return ``(B, A)`` with B of
     shape (out, r) and A of shape (r, in) such that ``B @ A`` is the best

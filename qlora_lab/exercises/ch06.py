@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 
 from qlora_lab.device_pool import DeviceOutOfMemoryError, DevicePool
-from qlora_lab.exercises import call_learner, not_attempted
+from qlora_lab.exercises import call_learner, checker
 from qlora_lab.paged import optimizer_state_bytes
 from qlora_lab.pager import Pager
 
@@ -82,6 +82,7 @@ def _exercise_1_hint(got, expected, lru, pinned, page_bytes, shortfall) -> str:
     return "walk lru_order from the start, skip pinned pages, stop when enough bytes are freed."
 
 
+@checker(1)
 def check_exercise_1(pages_to_evict) -> bool:
     """``pages_to_evict(lru_order, pinned, page_bytes, shortfall)`` must return
     the labels of the pages the pager moves to host memory, in order, when an
@@ -146,6 +147,7 @@ def _exercise_2_hint(got: int, numel: int) -> str:
     return "two uint8 states of numel bytes, plus one float32 absmax per block of 256 values for each."
 
 
+@checker(2)
 def check_exercise_2(adamw8bit_state_bytes) -> bool:
     """``adamw8bit_state_bytes(numel)`` must return the bytes of
     ``bitsandbytes.optim.AdamW8bit``'s state for one parameter of ``numel``

@@ -41,4 +41,10 @@ worth optimising on a 2-core CPU, and by how much.
   course trains on the assistant's tokens only, so most of that fifth is skipped.
   Its gain was not measured on a quiet machine; chapter 07's step count was cut at
   the same time, so the README's before/after times mix the two.
+- :mod:`qlora_lab.fast.lora`: LoRA's scaled update added in one pass over the
+  output (``torch.add(result, update, alpha=scaling)``) instead of peft's two
+  (``result + update * scaling``), used by :class:`qlora_lab.lora.LoRALinear`
+  only where the two round the same (a power-of-two ``alpha / r``). About 10 %
+  of a SmolLM2 QLoRA training step on 2 cores (``bench/train_step.py``, measured
+  under other load).
 """

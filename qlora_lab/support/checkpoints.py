@@ -22,6 +22,7 @@ from typing import Any
 import torch
 
 from qlora_lab.streaming import INDEX_NAME, checkpoint_tensors, load_quantized, meta_model
+from qlora_lab.support.atomic import atomic_directory
 
 __all__ = ["measure_load", "write_random_checkpoint"]
 
@@ -52,7 +53,8 @@ def _write_safetensors(path: Path, tensors: list[tuple[str, tuple[int, ...]]], d
 
 
 def write_random_checkpoint(config: Any, directory: str | Path, *, dtype: torch.dtype = torch.bfloat16,
-                            max_shard_bytes: int = 2 * 10**9, seed: int = 0) -> dict[str, Any]:
+                            max_shard_bytes: int = 2 * 10**9, seed: int = 0,
+                            overwrite: bool = False) -> dict[str, Any]:
     """Write a checkpoint of ``config`` (a transformers config or anything
     :func:`qlora_lab.support.model_config.read_model_config` takes) with random weights into
     ``directory``: ``config.json``, safetensors shards of at most
@@ -62,15 +64,16 @@ def write_random_checkpoint(config: Any, directory: str | Path, *, dtype: torch.
     Weights are N(0, ``initializer_range``) (0.02 by default), norms are ones;
     each tensor is drawn in float32 from a generator seeded with ``seed`` and
     its position, cast to ``dtype`` and written before the next is drawn, so
-    memory holds one tensor at a time. Returns ``{"files", "total_bytes",
-    "largest_tensor_bytes"}``."""
+    memory holds one tensor at a time. The directory appears complete or not
+    at all (:func:`qlora_lab.support.atomic.atomic_directory`; a non-empty
+    one is replaced only with ``overwrite=True``). Returns ``{"files",
+    "total_bytes", "largest_tensor_bytes"}``."""
     from qlora_lab.support.model_config import read_model_config
 
     directory = Path(directory).expanduser()
     if dtype not in _SAFETENSORS_DTYPES:
         raise ValueError(f"dtype must be float32, float16 or bfloat16, got {dtype}")
     config = read_model_config(config)
-    directory.mkdir(parents=True, exist_ok=True)
     skeleton = meta_model(config, dtype)
     head = skeleton.get_output_embeddings()
     tied = {f"{n}.weight" for n, m in skeleton.named_modules() if m is head} if getattr(
@@ -99,14 +102,15 @@ def write_random_checkpoint(config: Any, directory: str | Path, *, dtype: torch.
         generator = torch.Generator().manual_seed(seed * 1_000_003 + position[name])
         return torch.empty(shape).normal_(0.0, std, generator=generator)
 
-    weight_map, total = {}, 0
-    for k, tensors in enumerate(shards, start=1):
-        filename = f"model-{k:05d}-of-{len(shards):05d}.safetensors"
-        total += _write_safetensors(directory / filename, tensors, dtype, make)
-        weight_map.update({name: filename for name, _ in tensors})
-    (directory / INDEX_NAME).write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map},
-                                                   indent=2))
-    config.save_pretrained(directory)
+    with atomic_directory(directory, overwrite=overwrite) as staging:
+        weight_map, total = {}, 0
+        for k, tensors in enumerate(shards, start=1):
+            filename = f"model-{k:05d}-of-{len(shards):05d}.safetensors"
+            total += _write_safetensors(staging / filename, tensors, dtype, make)
+            weight_map.update({name: filename for name, _ in tensors})
+        (staging / INDEX_NAME).write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map},
+                                                       indent=2))
+        config.save_pretrained(staging)
     largest = max(dtype.itemsize * int(torch.Size(s).numel()) for _, s in named)
     return {"files": len(shards), "total_bytes": total, "largest_tensor_bytes": largest}
 

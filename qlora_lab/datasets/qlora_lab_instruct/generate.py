@@ -1,14 +1,14 @@
 """Generate the qlora-lab instruction data set (deterministic; see README.md).
 
-    python datasets/qlora_lab_instruct/generate.py            # rewrite the files here
-    python datasets/qlora_lab_instruct/generate.py --out DIR  # write them elsewhere
-    python datasets/qlora_lab_instruct/generate.py --check    # regenerate and compare
+    python qlora_lab/datasets/qlora_lab_instruct/generate.py            # rewrite the files here
+    python qlora_lab/datasets/qlora_lab_instruct/generate.py --out DIR  # write them elsewhere
+    python qlora_lab/datasets/qlora_lab_instruct/generate.py --check    # regenerate and compare
 
 Two kinds of examples, in the chat format of ``tokenizer.apply_chat_template``:
 
 * **Scored format conversions** (``task`` one of :data:`SCORED_TASKS`): a short
   instruction and an input; the assistant's reply is exactly the ``answer`` field,
-  checked by :func:`qlora_lab.data.is_correct` (exact match after the documented
+  checked by :func:`qlora_lab.evaluate.is_correct` (exact match after the documented
   normalisation). Every gold answer is checked with that same function here, so
   the generator and the scorer cannot disagree.
 * **Open-ended conversations** (``task == "chat"``): explanations, how-to answers,
@@ -35,10 +35,11 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-sys.path.insert(0, str(HERE.parents[1]))  # the repository root, for qlora_lab
+sys.path.insert(0, str(HERE.parents[2]))  # the repository root, for qlora_lab
 
 import pool  # noqa: E402
-from qlora_lab.data import SCORED_TASKS, is_correct, normalize_answer, validate_record  # noqa: E402
+from qlora_lab.data import SCORED_TASKS, validate_record  # noqa: E402
+from qlora_lab.evaluate import is_correct, normalize_answer  # noqa: E402
 
 SEED = 2023
 # examples per split: scored items per task, and open-ended conversations
