@@ -106,16 +106,34 @@ def load_with_adapter(adapter_dir: str | os.PathLike, model: str | None = None, 
 # --------------------------------------------------------------------------- #
 # Replies, streamed
 # --------------------------------------------------------------------------- #
-def _streamer(tokenizer, write: Callable[[str], object]):
-    """transformers' ``TextStreamer`` (decodes whole words as they complete)
-    writing to ``write`` instead of printing."""
-    from transformers import TextStreamer
+class TokenStreamer:
+    """Receives the tokens ``model.generate`` produces (transformers' streamer
+    protocol: ``put`` for the prompt, then for each new token; ``end`` at the
+    end) and writes the reply's text as it grows. A character that spans
+    several tokens (UTF-8 bytes) is held back until it is complete."""
 
-    class Streamer(TextStreamer):
-        def on_finalized_text(self, text: str, stream_end: bool = False) -> None:
-            write(text)
+    def __init__(self, tokenizer, write: Callable[[str], object]) -> None:
+        self.tokenizer, self.write = tokenizer, write
+        self.ids: list[int] = []
+        self.shown = 0
+        self.prompt_seen = False
 
-    return Streamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
+    def put(self, value: torch.Tensor) -> None:
+        if not self.prompt_seen:  # the first call carries the prompt
+            self.prompt_seen = True
+            return
+        self.ids.extend(value.reshape(-1).tolist())
+        text = self.tokenizer.decode(self.ids, skip_special_tokens=True)
+        if not text.endswith("\ufffd"):
+            self._show(text)
+
+    def end(self) -> None:
+        self._show(self.tokenizer.decode(self.ids, skip_special_tokens=True))
+
+    def _show(self, text: str) -> None:
+        if len(text) > self.shown:
+            self.write(text[self.shown:])
+            self.shown = len(text)
 
 
 @torch.no_grad()
@@ -131,7 +149,7 @@ def reply(model, tokenizer, messages: list[dict] | str, max_new_tokens: int = 12
     ids = torch.tensor([data_lib.prompt_ids(messages, tokenizer)], device=next(model.parameters()).device)
     streamer = None
     if stream is not None:
-        streamer = _streamer(tokenizer, lambda text: (stream.write(text), stream.flush()))
+        streamer = TokenStreamer(tokenizer, lambda text: (stream.write(text), stream.flush()))
     eot = data_lib.end_of_turn_id(tokenizer)
     out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
                          do_sample=False, eos_token_id=eot,
