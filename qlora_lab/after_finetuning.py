@@ -59,3 +59,114 @@ def train_task_adapter(task: str, out_dir: str | Path, steps: int = 60, r: int =
                     eval_every=steps, save_every=steps, eval_examples=25)
     result = train(config, out_dir, model=model, tokenizer=tokenizer, splits=splits, progress="log")
     return result.adapter_dir
+
+
+def commit_adapter(adapter_dir: str | Path, task: str, base_name: str = "smollm2") -> Path:
+    """Copy an adapter's two files to ``notebooks/results/adapters/<task>``,
+    naming ``base_name`` as its base (a name every reader's machine resolves)."""
+    from qlora_lab.lora import CONFIG_NAME, WEIGHTS_NAME
+
+    target = ADAPTERS_DIR / task
+    target.mkdir(parents=True, exist_ok=True)
+    config = json.loads((Path(adapter_dir) / CONFIG_NAME).read_text())
+    config["base_model_name_or_path"] = base_name
+    shutil.copyfile(Path(adapter_dir) / WEIGHTS_NAME, target / WEIGHTS_NAME)
+    (target / CONFIG_NAME).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    return target
+
+
+def _score(model, tokenizer, records: list[dict]) -> dict:
+    report = data_lib.score(model, tokenizer, records, max_new_tokens=16)
+    return {"correct": report.correct, "total": report.total, "predictions": report.predictions}
+
+
+def run(steps: int = 40, out_dir: str | Path = "runs/after-finetuning", results: str | Path = DEFAULT_RESULTS,
+        retrain: bool = False, per_task: int | None = None, speed_tokens: int = 32) -> dict:
+    """The chapter's measured runs (module docstring); writes ``results`` (JSON)."""
+    import copy
+    import tempfile
+
+    from qlora_lab.chat import AdapterSet, generation_speed
+    from qlora_lab.export import merge_into_4bit, merged_model
+    from qlora_lab.lora import load_adapter
+    from qlora_lab.models import load_smollm2
+    from qlora_lab.qlora import quantize_model
+    from qlora_lab.support.gguf_file import load_gguf, write_gguf
+
+    summary = {"date": datetime.now(timezone.utc).strftime("%Y-%m-%d"), "machine": platform.processor() or
+               platform.machine(), "threads": torch.get_num_threads(), "torch": torch.__version__,
+               "steps": steps, "train_seconds": {}, "scores": {}, "requantize": {}, "gguf": {}, "speed": {}}
+    for task in TASKS:
+        if retrain or not (ADAPTERS_DIR / task / "adapter_model.safetensors").is_file():
+            started = time.perf_counter()
+            trained = train_task_adapter(task, Path(out_dir) / f"{task}-{datetime.now():%Y%m%d-%H%M%S}", steps)
+            summary["train_seconds"][task] = time.perf_counter() - started
+            commit_adapter(trained, task)
+    splits = data_lib.load_dataset(splits=("test",))
+    float_base, tokenizer = load_smollm2()
+    nf4_base = copy.deepcopy(float_base)
+    quantize_model(nf4_base)
+    bank = AdapterSet(nf4_base)
+    for task in TASKS:
+        bank.add(task, ADAPTERS_DIR / task)
+    for task in TASKS:
+        records = data_lib.scored_records(splits["test"], tasks=(task,), per_task=per_task)
+        scores = {"float base": _score(float_base, tokenizer, records),
+                  "NF4 base + adapter": _score(bank.use(task), tokenizer, records)}
+        bank.use(None)
+        merged, _ = merged_model(ADAPTERS_DIR / task, loaded=_dequantized(nf4_base), tokenizer=tokenizer)
+        scores["merged (float32)"] = _score(merged, tokenizer, records)
+        requantized = copy.deepcopy(nf4_base)
+        load_adapter(requantized, ADAPTERS_DIR / task)
+        summary["requantize"][task] = dict(vars(merge_into_4bit(requantized)))
+        scores["merged into NF4, re-quantized"] = _score(requantized, tokenizer, records)
+        summary["scores"][task] = scores
+        if task == TASKS[0]:
+            summary["gguf"] = _gguf_checks(merged, tokenizer, records[:16], write_gguf, load_gguf)
+            for name, model in (("float base", float_base), ("NF4 base + adapter", bank.use(task)),
+                                ("merged (float32)", merged), ("merged into NF4, re-quantized", requantized)):
+                summary["speed"][name] = generation_speed(model, tokenizer, new_tokens=speed_tokens, repeats=3)
+            bank.use(None)
+        del merged, requantized
+    path = Path(results)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(summary, indent=1) + "\n")
+    return summary
+
+
+def _dequantized(nf4_base):
+    import copy
+
+    from qlora_lab.export import dequantize_model
+
+    model = copy.deepcopy(nf4_base)
+    dequantize_model(model)
+    return model
+
+
+def _gguf_checks(merged, tokenizer, records, write_gguf, load_gguf) -> dict:
+    """Write the merged model as GGUF f16 and Q8_0, read each back with
+    transformers, compare logits on the prompts and the greedy answers."""
+    import tempfile
+
+    out = {}
+    prompts = [data_lib.prompt_ids(r["messages"], tokenizer) for r in records]
+    reference = data_lib.generate(merged, tokenizer, [r["messages"] for r in records], max_new_tokens=16)
+    with tempfile.TemporaryDirectory() as tmp:
+        for gguf_type in ("f16", "q8_0"):
+            path = write_gguf(merged, tokenizer, Path(tmp) / f"model.{gguf_type}.gguf", gguf_type,
+                              tokenizer_pre="smollm")
+            started = time.perf_counter()
+            loaded, loaded_tokenizer = load_gguf(path)
+            seconds = time.perf_counter() - started
+            worst = 0.0
+            with torch.no_grad():
+                for ids in prompts:
+                    x = torch.tensor([ids])
+                    worst = max(worst, (loaded(x).logits - merged(x).logits).abs().max().item())
+            answers = data_lib.generate(loaded, loaded_tokenizer, [r["messages"] for r in records], max_new_tokens=16)
+            out[gguf_type] = {"bytes": path.stat().st_size, "max_abs_logit_difference": worst,
+                              "same_greedy_answers": sum(a == b for a, b in zip(answers, reference)),
+                              "answers": len(records), "load_seconds": seconds}
+            del loaded
+    return out
