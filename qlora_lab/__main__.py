@@ -209,6 +209,8 @@ def add_after_finetuning_commands(commands) -> None:
     af.add_argument("--steps", type=int, default=40)
     af.add_argument("--out", default="runs/after-finetuning", help="where the training runs go")
     af.add_argument("--retrain", action="store_true", help="train the adapters again even if they are committed")
+    af.add_argument("--parts", default="scores,gguf,speed", help="which measurements (comma-separated): "
+                                                                "scores, gguf, speed")
 
 
 def chat(args) -> int:
@@ -240,9 +242,11 @@ def export(args) -> int:
 def after_finetuning(args) -> int:
     from qlora_lab.after_finetuning import run
 
-    summary = run(steps=args.steps, out_dir=args.out, retrain=args.retrain)
-    for task, r in summary["scores"].items():
+    summary = run(steps=args.steps, out_dir=args.out, retrain=args.retrain, parts=tuple(args.parts.split(",")))
+    for task, r in summary.get("scores", {}).items():
         print(task, {k: f"{v['correct']}/{v['total']}" for k, v in r.items()})
+    for name, tokens_per_second in summary.get("speed", {}).items():
+        print(f"{name}: {tokens_per_second:.1f} tokens/s")
     return 0
 
 

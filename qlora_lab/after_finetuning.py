@@ -37,6 +37,7 @@ RESULTS_DIR = Path(__file__).resolve().parent.parent / "notebooks" / "results"
 DEFAULT_RESULTS = RESULTS_DIR / "after_finetuning.json"
 ADAPTERS_DIR = RESULTS_DIR / "adapters"
 TASKS = ("date_iso", "time_24h")
+PARTS = ("scores", "gguf", "speed")
 
 
 def task_splits(task: str, splits: dict[str, list[dict]] | None = None) -> dict[str, list[dict]]:
@@ -81,26 +82,32 @@ def _score(model, tokenizer, records: list[dict]) -> dict:
 
 
 def run(steps: int = 40, out_dir: str | Path = "runs/after-finetuning", results: str | Path = DEFAULT_RESULTS,
-        retrain: bool = False, per_task: int | None = None, speed_tokens: int = 32) -> dict:
-    """The chapter's measured runs (module docstring); writes ``results`` (JSON)."""
+        retrain: bool = False, per_task: int | None = None, speed_tokens: int = 32,
+        parts: tuple[str, ...] = PARTS) -> dict:
+    """The chapter's measured runs (module docstring). ``parts`` chooses among
+    ``"scores"``, ``"gguf"`` and ``"speed"`` (separate processes may run
+    separate parts); each part's results replace that part's entries in
+    ``results`` (JSON), the others are kept."""
     import copy
-    import tempfile
 
     from qlora_lab.chat import AdapterSet, generation_speed
     from qlora_lab.export import merge_into_4bit, merged_model
     from qlora_lab.lora import load_adapter
     from qlora_lab.models import load_smollm2
     from qlora_lab.qlora import quantize_model
-    from qlora_lab.support.gguf_file import load_gguf, write_gguf
 
-    summary = {"date": datetime.now(timezone.utc).strftime("%Y-%m-%d"), "machine": platform.processor() or
-               platform.machine(), "threads": torch.get_num_threads(), "torch": torch.__version__,
-               "steps": steps, "train_seconds": {}, "scores": {}, "requantize": {}, "gguf": {}, "speed": {}}
+    unknown = set(parts) - set(PARTS)
+    if unknown:
+        raise ValueError(f"unknown part(s) {sorted(unknown)}; choose from {PARTS}")
+    path = Path(results)
+    summary = json.loads(path.read_text()) if path.is_file() else {}
+    summary.update({"date": datetime.now(timezone.utc).strftime("%Y-%m-%d"), "machine": platform.processor() or
+                    platform.machine(), "torch": torch.__version__, "steps": steps})
     for task in TASKS:
         if retrain or not (ADAPTERS_DIR / task / "adapter_model.safetensors").is_file():
             started = time.perf_counter()
             trained = train_task_adapter(task, Path(out_dir) / f"{task}-{datetime.now():%Y%m%d-%H%M%S}", steps)
-            summary["train_seconds"][task] = time.perf_counter() - started
+            summary.setdefault("train_seconds", {})[task] = time.perf_counter() - started
             commit_adapter(trained, task)
     splits = data_lib.load_dataset(splits=("test",))
     float_base, tokenizer = load_smollm2()
@@ -109,26 +116,35 @@ def run(steps: int = 40, out_dir: str | Path = "runs/after-finetuning", results:
     bank = AdapterSet(nf4_base)
     for task in TASKS:
         bank.add(task, ADAPTERS_DIR / task)
+    fresh: dict = {"scores": {}, "requantize": {}, "gguf": {}, "speed": {}}
     for task in TASKS:
         records = data_lib.scored_records(splits["test"], tasks=(task,), per_task=per_task)
-        scores = {"float base": _score(float_base, tokenizer, records),
-                  "NF4 base + adapter": _score(bank.use(task), tokenizer, records)}
-        bank.use(None)
         merged, _ = merged_model(ADAPTERS_DIR / task, loaded=_dequantized(nf4_base), tokenizer=tokenizer)
-        scores["merged (float32)"] = _score(merged, tokenizer, records)
         requantized = copy.deepcopy(nf4_base)
         load_adapter(requantized, ADAPTERS_DIR / task)
-        summary["requantize"][task] = dict(vars(merge_into_4bit(requantized)))
-        scores["merged into NF4, re-quantized"] = _score(requantized, tokenizer, records)
-        summary["scores"][task] = scores
-        if task == TASKS[0]:
-            summary["gguf"] = _gguf_checks(merged, tokenizer, records[:16], write_gguf, load_gguf)
+        report = merge_into_4bit(requantized)
+        if "scores" in parts:
+            fresh["requantize"][task] = dict(vars(report))
+            fresh["scores"][task] = {"float base": _score(float_base, tokenizer, records),
+                                     "NF4 base + adapter": _score(bank.use(task), tokenizer, records),
+                                     "merged (float32)": _score(merged, tokenizer, records),
+                                     "merged into NF4, re-quantized": _score(requantized, tokenizer, records)}
+            bank.use(None)
+        if task == TASKS[0] and "gguf" in parts:
+            fresh["gguf"] = _gguf_checks(merged, tokenizer, records[:16])
+        if task == TASKS[0] and "speed" in parts:
+            torch.set_num_threads(2)
             for name, model in (("float base", float_base), ("NF4 base + adapter", bank.use(task)),
                                 ("merged (float32)", merged), ("merged into NF4, re-quantized", requantized)):
-                summary["speed"][name] = generation_speed(model, tokenizer, new_tokens=speed_tokens, repeats=3)
+                fresh["speed"][name] = generation_speed(model, tokenizer, new_tokens=speed_tokens, repeats=3)
             bank.use(None)
         del merged, requantized
-    path = Path(results)
+    # Read again: another process may have written its part meanwhile.
+    summary = {**(json.loads(path.read_text()) if path.is_file() else {}), **summary}
+    for part, keys in (("scores", ("scores", "requantize")), ("gguf", ("gguf",)), ("speed", ("speed",))):
+        if part in parts:
+            for key in keys:
+                summary[key] = fresh[key]
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(summary, indent=1) + "\n")
     return summary
@@ -144,10 +160,12 @@ def _dequantized(nf4_base):
     return model
 
 
-def _gguf_checks(merged, tokenizer, records, write_gguf, load_gguf) -> dict:
+def _gguf_checks(merged, tokenizer, records) -> dict:
     """Write the merged model as GGUF f16 and Q8_0, read each back with
     transformers, compare logits on the prompts and the greedy answers."""
     import tempfile
+
+    from qlora_lab.support.gguf_file import load_gguf, write_gguf
 
     out = {}
     prompts = [data_lib.prompt_ids(r["messages"], tokenizer) for r in records]
