@@ -206,9 +206,11 @@ def add_after_finetuning_commands(commands) -> None:
     exp.add_argument("--dtype", default=None, help="with --format hf: float32, float16 or bfloat16 weights")
     af = commands.add_parser("after-finetuning", help="chapter 08's longer runs: task adapters, scores after "
                                                       "merging, tokens/s (writes notebooks/results/)")
-    af.add_argument("--steps", type=int, default=40)
+    af.add_argument("--steps", type=int, default=16)
     af.add_argument("--out", default="runs/after-finetuning", help="where the training runs go")
     af.add_argument("--retrain", action="store_true", help="train the adapters again even if they are committed")
+    af.add_argument("--per-task", type=int, default=None, dest="per_task",
+                    help="score only this many test questions per task (default: all 50)")
     af.add_argument("--parts", default="scores,gguf,speed", help="which measurements (comma-separated): "
                                                                 "scores, gguf, speed")
 
@@ -242,7 +244,8 @@ def export(args) -> int:
 def after_finetuning(args) -> int:
     from qlora_lab.after_finetuning import run
 
-    summary = run(steps=args.steps, out_dir=args.out, retrain=args.retrain, parts=tuple(args.parts.split(",")))
+    summary = run(steps=args.steps, out_dir=args.out, retrain=args.retrain, per_task=args.per_task,
+                  parts=tuple(args.parts.split(",")))
     for task, r in summary.get("scores", {}).items():
         print(task, {k: f"{v['correct']}/{v['total']}" for k, v in r.items()})
     for name, tokens_per_second in summary.get("speed", {}).items():

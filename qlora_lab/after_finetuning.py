@@ -10,8 +10,8 @@ do inside its three-minute budget:
    quantized base, and copies them to ``notebooks/results/adapters/<task>``
    (a few hundred kilobytes each, committed, so that the notebook starts from
    them);
-2. scores each adapter on its task's whole test split (50 questions) three
-   ways: beside the frozen 4-bit base (as trained), merged into the dequantized
+2. scores each adapter on its task's test questions (all 50, or
+   ``--per-task`` of them) three ways: beside the frozen 4-bit base (as trained), merged into the dequantized
    base (float32, what ``export --format hf`` writes), and merged into the 4-bit
    weights and quantized again (the merge QLoRA cannot do losslessly);
 3. measures greedy generation speed (tokens per second) of the float base, the
@@ -48,16 +48,18 @@ def task_splits(task: str, splits: dict[str, list[dict]] | None = None) -> dict[
     return {name: [r for r in records if r.get("task") == task] for name, records in splits.items()}
 
 
-def train_task_adapter(task: str, out_dir: str | Path, steps: int = 60, r: int = 8, seed: int = 0) -> Path:
+def train_task_adapter(task: str, out_dir: str | Path, steps: int = 16, r: int = 8, batch_size: int = 4,
+                       seed: int = 0) -> Path:
     """Train a QLoRA adapter on one task with the ``smollm2-cpu`` recipe (rank
-    ``r``, alpha ``2r``, all linear layers) and return its directory."""
+    ``r``, alpha ``2r``, all linear layers; ``batch_size`` conversations a
+    step) and return its directory. One narrow task needs few steps."""
     from qlora_lab.models import load_smollm2
     from qlora_lab.train import preset, train
 
     splits = task_splits(task)
     model, tokenizer = load_smollm2()
     config = preset("smollm2-cpu", max_steps=steps, lora_r=r, lora_alpha=float(2 * r), seed=seed,
-                    eval_every=steps, save_every=steps, eval_examples=25)
+                    batch_size=batch_size, eval_every=steps, save_every=steps, eval_examples=8)
     result = train(config, out_dir, model=model, tokenizer=tokenizer, splits=splits, progress="log")
     return result.adapter_dir
 
@@ -81,7 +83,7 @@ def _score(model, tokenizer, records: list[dict]) -> dict:
     return {"correct": report.correct, "total": report.total, "predictions": report.predictions}
 
 
-def run(steps: int = 40, out_dir: str | Path = "runs/after-finetuning", results: str | Path = DEFAULT_RESULTS,
+def run(steps: int = 16, out_dir: str | Path = "runs/after-finetuning", results: str | Path = DEFAULT_RESULTS,
         retrain: bool = False, per_task: int | None = None, speed_tokens: int = 32,
         parts: tuple[str, ...] = PARTS) -> dict:
     """The chapter's measured runs (module docstring). ``parts`` chooses among
@@ -103,6 +105,8 @@ def run(steps: int = 40, out_dir: str | Path = "runs/after-finetuning", results:
     summary = json.loads(path.read_text()) if path.is_file() else {}
     summary.update({"date": datetime.now(timezone.utc).strftime("%Y-%m-%d"), "machine": platform.processor() or
                     platform.machine(), "torch": torch.__version__, "steps": steps})
+    if "scores" in parts:
+        summary["per_task"] = per_task
     for task in TASKS:
         if retrain or not (ADAPTERS_DIR / task / "adapter_model.safetensors").is_file():
             started = time.perf_counter()
@@ -131,7 +135,7 @@ def run(steps: int = 40, out_dir: str | Path = "runs/after-finetuning", results:
                                      "merged into NF4, re-quantized": _score(requantized, tokenizer, records)}
             bank.use(None)
         if task == TASKS[0] and "gguf" in parts:
-            fresh["gguf"] = _gguf_checks(merged, tokenizer, records[:16])
+            fresh["gguf"] = _gguf_checks(merged, tokenizer, records[:8])
         if task == TASKS[0] and "speed" in parts:
             torch.set_num_threads(2)
             for name, model in (("float base", float_base), ("NF4 base + adapter", bank.use(task)),
