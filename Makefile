@@ -39,7 +39,7 @@ done; \
 echo "qlora-lab needs Python 3.11, 3.12, 3.13 or 3.14, and none is on the PATH (looked for python3.14 ... python3.11, python3, python): $(HOW_TO_GET_PYTHON)." >&2; exit 1
 endef
 
-.PHONY: lab test unit notebooks notebook-times env-check bench experiments gpu-smoke clean-venv python
+.PHONY: lab test unit notebooks notebook-times env-check bench experiments after-finetuning gpu-smoke clean-venv python
 
 python:
 	@py=$$($(FIND_PYTHON)) && echo "qlora-lab would build .venv with $$py (Python $$("$$py" -c 'import sys; print(sys.version.split()[0])'))"
@@ -92,6 +92,14 @@ bench: $(STAMP)
 EXPERIMENT_STEPS ?= 300
 experiments: $(STAMP)
 	$(BIN)/python -m qlora_lab experiments --steps $(EXPERIMENT_STEPS)
+
+# Chapter 08's longer runs: two task adapters on SmolLM2 (trained only if notebooks/results/adapters/
+# lacks them; AFTER_ARGS=--retrain trains them again), their exact-match scores beside the 4-bit base,
+# merged, and merged into 4 bits; GGUF f16/Q8_0 read back; tokens/s. Writes
+# notebooks/results/after_finetuning.json, which chapter 08 shows.
+AFTER_ARGS ?=
+after-finetuning: $(STAMP)
+	$(BIN)/python -m qlora_lab after-finetuning $(AFTER_ARGS)
 
 # For teachers with a CUDA GPU: the 7B recipe for a few steps with each backend
 # (bitsandbytes and the course's layers): peak GPU memory against the estimate,

@@ -30,6 +30,9 @@ module                    idea                                            chapte
 ``qlora_lab.streaming``   loading a checkpoint straight into 4 bits       07
 ``qlora_lab.smoke``       ``make gpu-smoke``: both backends on a GPU      07
 ``qlora_lab.experiments`` QLoRA vs 16-bit LoRA, longer than CI allows     07
+``qlora_lab.chat``        base + adapter: chat, switching adapters        08
+``qlora_lab.export``      merging; export to transformers and GGUF        08
+``qlora_lab.after_finetuning``  chapter 08's longer runs                  08
 ========================  ==============================================  =========
 
 Submodules are imported on use (``from qlora_lab import nf4``), so importing

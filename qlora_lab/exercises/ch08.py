@@ -1,0 +1,124 @@
+"""Checkers for chapter 08 (after finetuning).
+
+Exercise 1: Q8_0 by hand, the 8-bit type of the GGUF export (blocks of 32
+            weights, one float16 scale each), against the ``gguf`` package.
+Exercise 2: how many 4-bit codes a merged update changes when ``W0 + delta`` is
+            quantized to NF4 again (the merge QLoRA cannot do losslessly).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from qlora_lab.exercises import call_learner
+
+# ---------------------------------------------------------------- exercise 1
+
+
+def _q8_0_reference(x: np.ndarray) -> np.ndarray:
+    import gguf
+
+    q = gguf.quants.quantize(x, gguf.GGMLQuantizationType.Q8_0)
+    return gguf.quants.dequantize(q, gguf.GGMLQuantizationType.Q8_0).reshape(x.shape)
+
+
+def _exercise_1_cases():
+    rng = np.random.default_rng(8)
+    yield rng.standard_normal(64).astype(np.float32)
+    yield (rng.standard_normal(320) * 0.02).astype(np.float32)
+    outliers = rng.standard_normal(96).astype(np.float32)
+    outliers[5] = 40.0
+    yield outliers
+    yield np.zeros(32, dtype=np.float32)
+
+
+def check_exercise_1(q8_0_roundtrip) -> bool:
+    """``q8_0_roundtrip(x)`` (a float32 array whose length is a multiple of 32)
+    must return what a Q8_0 file gives back: for each block of 32 values,
+    ``scale = max|x| / 127`` stored as float16, ``q = round(x / scale)`` (halves
+    away from zero) as int8, and the value ``scale * q``."""
+    for x in _exercise_1_cases():
+        expected = _q8_0_reference(x)
+        ok, got = call_learner(1, q8_0_roundtrip, x.copy())
+        if not ok:
+            return False
+        got = np.asarray(got, dtype=np.float32).reshape(-1)
+        if got.shape != x.shape:
+            print(f"Exercise 1: return one value per input value ({x.shape[0]}), got {got.shape[0]}")
+            return False
+        if not np.isfinite(got).all():
+            print("Exercise 1: your values are not all finite; a block of zeros has scale 0 and must give zeros")
+            return False
+        # x / scale and x * (1 / scale) round differently in a rare tie: one step apart at most, rarely
+        step = np.repeat(np.abs(x.reshape(-1, 32)).max(axis=1) / 127, 32)
+        off = np.abs(got - expected) > 1e-7 * np.maximum(np.abs(expected), 1e-30)
+        if off.mean() > 0.01 or (np.abs(got - expected)[off] > step[off] * 1.01).any():
+            blocks = x.reshape(-1, 32)
+            tensor_wise = np.round(x / (np.abs(x).max() / 127)) * (np.abs(x).max() / 127)
+            exact_scale = np.repeat(np.abs(blocks).max(axis=1) / 127, 32)
+            with np.errstate(divide="ignore", invalid="ignore"):
+                unrounded_scale = np.where(exact_scale > 0, np.round(x / exact_scale) * exact_scale, 0)
+            print(f"Exercise 1: wrong values for an input of {x.shape[0]} values (max |x| {np.abs(x).max():.3g})")
+            if np.allclose(got, tensor_wise, rtol=1e-6, atol=0):
+                print("  Hint: one scale per block of 32 values, not one for the whole array.")
+            elif np.allclose(got, unrounded_scale, rtol=1e-6, atol=0):
+                print("  Hint: the file stores each scale as float16: round it (np.float16) before multiplying back.")
+            else:
+                print("  Hint: scale = max |x| of the block / 127; q = round(x / scale); return scale * q.")
+            return False
+    print("Exercise 1: correct")
+    return True
+
+
+# ---------------------------------------------------------------- exercise 2
+
+
+def _codes(x: torch.Tensor) -> torch.Tensor:
+    from qlora_lab.nf4 import quantize_4bit
+
+    packed, _ = quantize_4bit(x, blocksize=64, quant_type="nf4")
+    packed = packed.reshape(-1)
+    return torch.stack([packed >> 4, packed & 0x0F], dim=1).reshape(-1)[: x.numel()]
+
+
+def _exercise_2_cases():
+    g = torch.Generator().manual_seed(80)
+    w0 = torch.randn(64, 128, generator=g) * 0.05
+    for scale in (0.0, 1e-4, 1e-3, 1e-2):
+        yield w0, torch.randn(64, 128, generator=g) * scale
+
+
+def check_exercise_2(unchanged_codes) -> bool:
+    """``unchanged_codes(w0, delta)`` must return the fraction (a float in [0, 1])
+    of the 4-bit NF4 codes of ``w0`` (block size 64, no double quantization,
+    ``qlora_lab.nf4.quantize_4bit``) that stay the same when ``w0 + delta`` is
+    quantized instead."""
+    for w0, delta in _exercise_2_cases():
+        expected = (_codes(w0) == _codes(w0 + delta)).double().mean().item()
+        ok, got = call_learner(2, unchanged_codes, w0.clone(), delta.clone())
+        if not ok:
+            return False
+        try:
+            got = float(got)
+        except (TypeError, ValueError):
+            print(f"Exercise 2: return a number (a fraction), got {type(got).__name__}")
+            return False
+        if abs(got - expected) > 1e-9:
+            print(f"Exercise 2: for an update of size {delta.abs().max().item():.2g} the fraction is not {got:.6f}")
+            if abs(got - _packed_equal(w0, delta)) < 1e-9:
+                print("  Hint: each byte holds two codes (high and low nibble); compare codes, not bytes.")
+            else:
+                print("  Hint: quantize_4bit(w0) and quantize_4bit(w0 + delta), unpack both (>> 4 and & 15), "
+                      "compare code by code.")
+            return False
+    print("Exercise 2: correct")
+    return True
+
+
+def _packed_equal(w0: torch.Tensor, delta: torch.Tensor) -> float:
+    from qlora_lab.nf4 import quantize_4bit
+
+    a, _ = quantize_4bit(w0, blocksize=64, quant_type="nf4")
+    b, _ = quantize_4bit(w0 + delta, blocksize=64, quant_type="nf4")
+    return (a == b).double().mean().item()
