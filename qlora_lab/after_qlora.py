@@ -36,7 +36,7 @@ from qlora_lab.lora import LoRALinear
 from qlora_lab.nf4 import QuantState, dequantize_4bit, quantize_4bit
 from qlora_lab.qlora import LinearNF4
 
-__all__ = ["DoRALinear", "add_dora", "dense_weight", "initialisation_error", "loftq_init"]
+__all__ = ["DoRALinear", "add_dora", "dense_weight", "initialisation_error", "loftq_init", "short_training"]
 
 
 def dense_weight(base: nn.Module) -> torch.Tensor:
@@ -145,3 +145,19 @@ def initialisation_error(weight: torch.Tensor, r: int, num_iter: int = 5) -> dic
     loftq = (weight - dequantize_4bit(packed, state) - B @ A).norm().item() / norm
     return {"qlora_zero_init": qlora, "loftq": loftq, "reduction": 1 - loftq / qlora,
             "rank": r, "iterations": num_iter, "numel": math.prod(weight.shape)}
+
+
+def short_training(model: nn.Module, batches: list[dict], lr: float = 1e-3) -> list[float]:
+    """One AdamW step per batch (``input_ids``, ``attention_mask``, ``labels``)
+    on the trainable parameters; the losses, for side-by-side comparisons."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=lr, foreach=False)
+    losses = []
+    model.train()
+    for batch in batches:
+        loss = model(**batch).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        losses.append(loss.item())
+    return losses

@@ -409,11 +409,13 @@ SETUPS = ((2, 24), (2, 48), (4, 24))
 #: Answer.AI's published runs of FSDP-QLoRA: (model, GPUs, GiB) -> (batch, tokens, what they report).
 PUBLISHED = {
     ("llama-2-70b", 2, 24): (2, 2048, "trained (Answer.AI): gradient checkpointing + CPU offload, ~55 GB host RAM"),
+    ("llama-2-70b", 4, 40): (2, 512, "trained (Answer.AI's README example, 4 x A100 40 GB): no CPU offload"),
 }
 PUBLISHED_SOURCES = (
     "Answer.AI, 'You can now train a 70b language model at home' (2024-03-06), "
     "https://www.answer.ai/posts/2024-03-06-fsdp-qlora.html; the command and the host RAM from "
-    "https://github.com/AnswerDotAI/fsdp_qlora (README, 'Finetune Llama-2 70B on Dual 24GB GPUs')",
+    "https://github.com/AnswerDotAI/fsdp_qlora (README: 'Finetune Llama-2 70B on Dual 24GB GPUs' and "
+    "'Example: Llama 70B 4-A100 40GB Training')",
 )
 
 

@@ -26,6 +26,7 @@ __all__ = [
     "device_for_rank",
     "gather_to_rank0",
     "process_group",
+    "run_torchrun",
 ]
 
 TORCHRUN_VARIABLES = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
@@ -111,3 +112,26 @@ def gather_to_rank0(obj: Any) -> list[Any] | None:
     out = [None] * dist.get_world_size() if dist.get_rank() == 0 else None
     dist.gather_object(obj, out, dst=0)
     return out
+
+
+def run_torchrun(nproc: int, args: list[str], timeout: float = 900.0, threads_per_process: int = 1):
+    """``torchrun --standalone --nproc_per_node nproc -m qlora_lab <args>`` in a
+    subprocess (how a notebook launches a distributed run); the finished
+    ``subprocess.CompletedProcess``, with a RuntimeError showing the end of
+    its error output if it failed."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = str(Path(__file__).resolve().parents[2])
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads_per_process),
+           "PYTHONPATH": os.pathsep.join([root, *filter(None, [os.environ.get("PYTHONPATH")])])}
+    for name in TORCHRUN_VARIABLES:  # a launch from inside a distributed process starts afresh
+        env.pop(name, None)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+           "-m", "qlora_lab", *args]
+    done = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=timeout, check=False)
+    if done.returncode != 0:
+        tail = "\n".join(done.stderr.strip().splitlines()[-20:])
+        raise RuntimeError(f"the distributed run failed (exit code {done.returncode}):\n{tail}")
+    return done
