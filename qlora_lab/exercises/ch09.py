@@ -13,16 +13,22 @@ from qlora_lab.exercises import call_learner
 from qlora_lab.nf4 import dequantize_4bit, quantize_4bit
 
 
+def _shard_bytes(tensor: torch.Tensor, world: int, rank: int) -> int:
+    """Bytes of ``rank``'s piece of ``tensor`` cut as FSDP cuts it (``torch.chunk``
+    along dim 0; a rank past the last chunk holds nothing but padding)."""
+    chunks = tensor.chunk(world)
+    return chunks[rank].numel() * tensor.element_size() if rank < len(chunks) else 0
+
+
 def check_exercise_1(rank_bytes) -> bool:
     """``rank_bytes(out_features, in_features, world_size, rank)`` must return
     the bytes of the packed weight and of the uint8 block constants (NF4,
     blocks of 64, double quantization) that ``rank`` holds when FSDP cuts
     both tensors along their first dimension into ``world_size`` pieces."""
     for out_features, in_features, world, rank in [(576, 576, 2, 1), (1536, 576, 4, 3), (192, 576, 3, 0),
-                                                    (128, 64, 8, 7)]:
+                                                    (128, 64, 8, 7), (7, 33, 3, 2)]:
         packed, state = quantize_4bit(torch.randn(out_features, in_features), double_quant=True)
-        expected = (packed.chunk(world)[rank].numel() * packed.element_size()
-                    + state.absmax.chunk(world)[rank].numel() * state.absmax.element_size())
+        expected = _shard_bytes(packed, world, rank) + _shard_bytes(state.absmax, world, rank)
         ok, got = call_learner(1, rank_bytes, out_features, in_features, world, rank)
         if not ok:
             return False
