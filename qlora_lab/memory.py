@@ -688,7 +688,7 @@ def estimate(
     activations = per_token * batch * seq_len + rope_table_bytes(config, seq_len, compute_dtype)
 
     settings = {}
-    if world_size != 1:
+    if world_size != 1 or isinstance(world_size, bool):
         shared = fsdp_per_gpu(counts, shape, method, world_size, weights=weights, adapters=adapters,
                               gradients=gradients, optimizer=optimizer, weight_bytes=w,
                               blocksize=blocksize, double_quant=double_quant)
