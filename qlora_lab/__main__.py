@@ -5,6 +5,7 @@
     python -m qlora_lab finetune --preset llama-7b-gpu --dry-run      # anywhere: configuration + memory per backend
     python -m qlora_lab finetune --preset smollm2-cpu --out runs/smollm2 --resume
     python -m qlora_lab gpu-smoke --model huggyllama/llama-7b          # both backends, a few steps on the GPU
+    torchrun --standalone --nproc_per_node 2 -m qlora_lab finetune --fsdp --preset smollm2-cpu --out runs/fsdp
 
 Settings of a preset can be changed with ``--max-steps``, ``--model``,
 ``--data``, ``--backend`` or ``--set name=value`` (any field of
@@ -132,7 +133,10 @@ def finetune(args) -> int:
         import torch
 
         torch.cuda.reset_peak_memory_stats()
-    result = train(config, args.out, resume=args.resume, progress=args.progress)
+    result = train(config, args.out, resume=args.resume, progress=args.progress, fsdp=args.fsdp,
+                   dist_backend=args.dist_backend)
+    if args.fsdp and not _is_rank0():
+        return 0  # rank 0 reports for all
     first, last = result.evaluations[0], result.evaluations[-1]
     print(f"trained {len(result.history)} steps with the {result.backend} backend"
           + (f" (resumed at step {result.resumed_from})" if result.resumed_from else ""))
@@ -148,6 +152,12 @@ def finetune(args) -> int:
         print(f"peak GPU memory allocated: {peak / 1e9:.2f} GB")
         print(memory_estimate_text(config, "cuda"))
     return 0
+
+
+def _is_rank0() -> bool:
+    import os
+
+    return os.environ.get("RANK", "0") == "0"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -172,6 +182,11 @@ def build_parser() -> argparse.ArgumentParser:
                     help="print the resolved configuration, the memory estimate and what each backend needs "
                          "(GPU, host memory to load, which GPUs fit), then stop")
     ft.add_argument("--progress", choices=["bar", "log", "none"], default="bar")
+    ft.add_argument("--fsdp", action="store_true",
+                    help="shard the run with FSDP2 across the processes torchrun starts (chapter 09): "
+                         "torchrun --standalone --nproc_per_node N -m qlora_lab finetune --fsdp ...")
+    ft.add_argument("--dist-backend", choices=["auto", "gloo", "nccl"], default="auto", dest="dist_backend",
+                    help="with --fsdp: the process-group backend (auto: nccl on CUDA GPUs, gloo on CPUs)")
     ft.add_argument("--report-memory", action="store_true", dest="report_memory",
                     help="on a GPU: print the peak memory against the estimate at the end")
     from qlora_lab.smoke import add_arguments

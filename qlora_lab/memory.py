@@ -244,8 +244,10 @@ def estimate(
     optimizer_temporaries: str = "fused",
     blocksize: int = 64,
     double_quant: bool = True,
+    world_size: int = 1,
 ) -> MemoryEstimate:
-    """Memory needed to finetune a causal LM with ``method``.
+    """Memory needed to finetune a causal LM with ``method`` (per GPU when
+    ``world_size`` > 1: see :func:`fsdp_per_gpu`).
 
     ``config`` is a transformers config, a dict, a path to a config JSON or
     model directory, or a shipped name (``"llama-7b"`` ... ``"llama-65b"``).
@@ -326,6 +328,15 @@ def estimate(
         per_token = shape.layers * per_layer + head
     activations = per_token * batch * seq_len + rope_table_bytes(config, seq_len, compute_dtype)
 
+    settings = {}
+    if world_size != 1 or isinstance(world_size, bool):
+        shared = fsdp_per_gpu(counts, shape, method, world_size, weights=weights, adapters=adapters,
+                              gradients=gradients, optimizer=optimizer, weight_bytes=w,
+                              blocksize=blocksize, double_quant=double_quant)
+        weights, adapters, gradients, optimizer = (shared[k] for k in ("weights", "adapters", "gradients",
+                                                                        "optimizer"))
+        settings = {"world_size": world_size, "gathered_bytes": shared["gathered"]}
+
     return MemoryEstimate(
         model=model_name(config, original), method=method, seq_len=seq_len, batch=batch,
         gradient_checkpointing=gradient_checkpointing, lora_r=None if method == "full16" else lora_r,
@@ -336,8 +347,39 @@ def estimate(
                   "adapter_dtype": str(as_dtype(adapter_dtype, "adapter_dtype")),
                   "optimizer_state_bytes": optimizer_state_bytes, "lora_dropout": lora_dropout,
                   "dropout_mask_bytes": dropout_mask_bytes, "attention": attention,
-                  "optimizer_temporaries": optimizer_temporaries, "blocksize": blocksize, "double_quant": double_quant},
+                  "optimizer_temporaries": optimizer_temporaries, "blocksize": blocksize, "double_quant": double_quant,
+                  **settings},
     )
+
+
+def fsdp_per_gpu(counts: ParameterCount, shape, method: str, world_size: int, *, weights: int, adapters: int,
+                 gradients: int, optimizer: int, weight_bytes: int, blocksize: int = 64,
+                 double_quant: bool = True) -> dict[str, int]:
+    """One GPU's share of the model's state under FSDP over ``world_size``
+    GPUs (chapter 09, :mod:`qlora_lab.fsdp`): 1/N of the weights, adapters,
+    gradients and optimizer states, plus the units FSDP gathers whole while
+    they compute: the root unit (embeddings, final norm, output head), whole
+    for the entire step, and two decoder layers (the one running and the next,
+    prefetched). ``"weights"`` includes the gathered bytes, also returned
+    alone as ``"gathered"``. Activations are per GPU already (each GPU runs
+    its own micro-batches)."""
+    if not isinstance(world_size, int) or isinstance(world_size, bool) or world_size < 1:
+        raise ValueError(f"world_size must be a positive integer (the number of GPUs), got {world_size!r}")
+    layers = shape.layers
+    if method == "qlora":
+        block = sum(nf4_storage_bytes(o * i, blocksize, double_quant) for o, i in counts.block_linear_shapes)
+    else:
+        block = counts.block_linear * weight_bytes
+    root = counts.other * weight_bytes  # embeddings, head and norms (the layers' norms are a rounding error)
+    layer = block // layers + adapters // layers
+    gathered = root + 2 * layer
+    if method == "full16":
+        gathered += gradients // layers  # one layer's gradient, whole, before its reduce-scatter
+    share = {name: math.ceil(value / world_size) for name, value in
+             (("weights", weights), ("adapters", adapters), ("gradients", gradients), ("optimizer", optimizer))}
+    share["weights"] += gathered
+    share["gathered"] = gathered
+    return share
 
 
 @dataclass(frozen=True)

@@ -26,6 +26,7 @@ SHIPPED_CONFIGS = {
     "llama-33b": "llama-33b.json",
     "llama-30b": "llama-33b.json",  # Meta's name for the same 32.5B model
     "llama-65b": "llama-65b.json",
+    "llama-2-70b": "llama-2-70b.json",  # grouped-query attention (8 key/value heads); chapter 09
 }
 """LLaMA configurations shipped with the course (Touvron et al., 2023, Table 2:
 hidden 4096/5120/6656/8192, 32/40/60/80 layers, 32/40/52/64 heads; FFN width

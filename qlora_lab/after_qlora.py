@@ -1,0 +1,163 @@
+"""After QLoRA: DoRA/QDoRA and LoftQ, in short (appendix, chapter 09).
+
+DoRA (Liu et al., 2024, "DoRA: Weight-Decomposed Low-Rank Adaptation") splits
+each weight row into a length and a direction, and trains them separately::
+
+    W' = m * (W0 + s B A) / ||W0 + s B A||          (norm of each output row)
+
+``m`` (one number per output feature, initialised to ``||W0||``) is trained
+directly, the direction through LoRA's ``B A``. Following the paper (Sec. 4.3)
+and peft, the norm is treated as a constant in backward, so no gradient flows
+through it. With ``W0`` frozen in 4 bits this is QDoRA (Answer.AI, 2024):
+:class:`DoRALinear` wraps :class:`qlora_lab.qlora.LinearNF4` exactly as it wraps
+``nn.Linear`` and costs ``out_features`` extra parameters per layer.
+
+LoftQ (Li et al., 2023, "LoftQ: LoRA-Fine-Tuning-Aware Quantization") notices
+that QLoRA starts from ``Q(W) + 0``, not from ``W``: the adapter starts at
+zero, so the model begins training with the whole quantization error.
+LoftQ instead picks the 4-bit weight and the adapter together, alternating::
+
+    Q_t = NF4(W - B_{t-1} A_{t-1});   B_t A_t = best rank-r approximation of W - Q_t
+
+so that ``Q + B A`` is closer to ``W`` than ``Q(W)`` is. :func:`loftq_init`
+runs that with the course's NF4 (peft's ``loftq_init`` does the same with
+bitsandbytes, on a GPU only) and :func:`initialisation_error` measures it.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from qlora_lab.lora import LoRALinear
+from qlora_lab.nf4 import QuantState, dequantize_4bit, quantize_4bit
+from qlora_lab.qlora import LinearNF4
+
+__all__ = ["DoRALinear", "add_dora", "dense_weight", "initialisation_error", "loftq_init", "short_training"]
+
+
+def dense_weight(base: nn.Module) -> torch.Tensor:
+    """The frozen weight as a float tensor: dequantized for a :class:`LinearNF4`."""
+    if isinstance(base, LinearNF4):
+        return base.dequantized_weight()
+    return base.weight
+
+
+class DoRALinear(LoRALinear):
+    """A LoRA layer with DoRA's trained magnitude (see the module docstring).
+
+    ``forward(x) = (m / ||W0 + s B A||) * (base(x) + s B A x)``, the norm
+    computed per output row and detached; with ``B = 0`` and ``m = ||W0||`` it
+    is exactly ``base(x)``. ``magnitude`` is the extra trained vector.
+    """
+
+    def __init__(self, base: nn.Module, r: int = 8, alpha: float = 16, dropout: float = 0.0,
+                 adapter_dtype: torch.dtype = torch.float32) -> None:
+        super().__init__(base, r, alpha, dropout, adapter_dtype)
+        if getattr(base, "bias", None) is not None:
+            raise ValueError("DoRALinear handles layers without a bias (as in Llama); this layer has one")
+        with torch.no_grad():
+            norm = dense_weight(base).float().norm(dim=1).to(adapter_dtype)
+        self.magnitude = nn.Parameter(norm)
+
+    def weight_norm(self) -> torch.Tensor:
+        """``||W0 + s B A||`` of each output row, without gradient (DoRA Sec. 4.3)."""
+        with torch.no_grad():
+            weight = dense_weight(self.base).to(self.lora_A.dtype) + self.scaling * (self.lora_B @ self.lora_A)
+            return weight.norm(dim=1)
+
+    def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        base = self.base(x, *args, **kwargs)
+        dtype = base.dtype
+        x = x.to(self.lora_A.dtype)
+        update = F.linear(F.linear(self.lora_dropout(x), self.lora_A), self.lora_B) * self.scaling
+        scale = self.magnitude / self.weight_norm()
+        return (scale * (base.to(update.dtype) + update)).to(dtype)
+
+    def merge(self) -> None:
+        raise NotImplementedError("merging DoRA is not part of this appendix; use peft's merge_and_unload")
+
+
+def add_dora(model: nn.Module, r: int = 8, alpha: float = 16, dropout: float = 0.0,
+             target_modules: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
+                                                "down_proj")) -> int:
+    """Freeze ``model`` and wrap every ``nn.Linear``/``LinearNF4`` whose name
+    ends with one of ``target_modules`` in a :class:`DoRALinear`, in place.
+    Returns the number of layers wrapped."""
+    for p in model.parameters():
+        p.requires_grad_(False)
+    names = [name for name, m in model.named_modules()
+             if isinstance(m, (nn.Linear, LinearNF4)) and name.rsplit(".", 1)[-1] in target_modules]
+    if not names:
+        raise ValueError(f"no linear layer of the model is named like {target_modules}")
+    for name in names:
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        setattr(parent, child, DoRALinear(getattr(parent, child), r=r, alpha=alpha, dropout=dropout))
+    return len(names)
+
+
+# --------------------------------------------------------------------------- #
+# LoftQ
+# --------------------------------------------------------------------------- #
+def _rank_r(matrix: torch.Tensor, r: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(B, A)`` with ``B A`` the best rank-``r`` approximation of ``matrix``
+    (truncated SVD; the singular values split evenly between the factors)."""
+    U, S, Vh = torch.linalg.svd(matrix, full_matrices=False)
+    root = S[:r].sqrt()
+    return U[:, :r] * root, root[:, None] * Vh[:r]
+
+
+@torch.no_grad()
+def loftq_init(weight: torch.Tensor, r: int, num_iter: int = 5, blocksize: int = 64,
+               double_quant: bool = True) -> tuple[torch.Tensor, QuantState, torch.Tensor, torch.Tensor]:
+    """LoftQ's alternating initialisation (Li et al., 2023, Algorithm 1) with
+    NF4: ``(packed, state, A, B)`` such that ``dequant(packed) + B A`` is
+    close to ``weight``. ``A`` is ``r x in``, ``B`` is ``out x r``; a LoRA
+    layer with scaling ``s`` stores ``B / s`` as its ``lora_B``."""
+    if weight.dim() != 2:
+        raise ValueError(f"loftq_init needs a 2-D weight, got shape {tuple(weight.shape)}")
+    if not isinstance(r, int) or not 1 <= r <= min(weight.shape):
+        raise ValueError(f"r must be an integer in [1, {min(weight.shape)}], got {r!r}")
+    if not isinstance(num_iter, int) or num_iter < 1:
+        raise ValueError(f"num_iter must be a positive integer, got {num_iter!r}")
+    weight = weight.float()
+    low_rank = torch.zeros_like(weight)
+    for _ in range(num_iter):
+        packed, state = quantize_4bit(weight - low_rank, blocksize=blocksize, double_quant=double_quant)
+        B, A = _rank_r(weight - dequantize_4bit(packed, state), r)
+        low_rank = B @ A
+    return packed, state, A, B
+
+
+@torch.no_grad()
+def initialisation_error(weight: torch.Tensor, r: int, num_iter: int = 5) -> dict[str, float]:
+    """Relative Frobenius error ``||W - (Q + B A)|| / ||W||`` of QLoRA's start
+    (``Q = NF4(W)``, ``B A = 0``) and of LoftQ's after ``num_iter`` rounds."""
+    weight = weight.float()
+    packed, state = quantize_4bit(weight, double_quant=True)
+    norm = weight.norm().item()
+    qlora = (weight - dequantize_4bit(packed, state)).norm().item() / norm
+    packed, state, A, B = loftq_init(weight, r, num_iter)
+    loftq = (weight - dequantize_4bit(packed, state) - B @ A).norm().item() / norm
+    return {"qlora_zero_init": qlora, "loftq": loftq, "reduction": 1 - loftq / qlora,
+            "rank": r, "iterations": num_iter, "numel": math.prod(weight.shape)}
+
+
+def short_training(model: nn.Module, batches: list[dict], lr: float = 1e-3) -> list[float]:
+    """One AdamW step per batch (``input_ids``, ``attention_mask``, ``labels``)
+    on the trainable parameters; the losses, for side-by-side comparisons."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=lr, foreach=False)
+    losses = []
+    model.train()
+    for batch in batches:
+        loss = model(**batch).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        losses.append(loss.item())
+    return losses

@@ -1,0 +1,71 @@
+"""Checkers for chapter 09 (beyond one GPU, and after QLoRA).
+
+Exercise 1: the bytes of one 4-bit layer that one rank holds under FSDP.
+Exercise 2: one round of LoftQ's initialisation, and its error.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from qlora_lab.after_qlora import loftq_init
+from qlora_lab.exercises import call_learner
+from qlora_lab.nf4 import dequantize_4bit, quantize_4bit
+
+
+def _shard_bytes(tensor: torch.Tensor, world: int, rank: int) -> int:
+    """Bytes of ``rank``'s piece of ``tensor`` cut as FSDP cuts it (``torch.chunk``
+    along dim 0; a rank past the last chunk holds nothing but padding)."""
+    chunks = tensor.chunk(world)
+    return chunks[rank].numel() * tensor.element_size() if rank < len(chunks) else 0
+
+
+def check_exercise_1(rank_bytes) -> bool:
+    """``rank_bytes(out_features, in_features, world_size, rank)`` must return
+    the bytes of the packed weight and of the uint8 block constants (NF4,
+    blocks of 64, double quantization) that ``rank`` holds when FSDP cuts
+    both tensors along their first dimension into ``world_size`` pieces."""
+    for out_features, in_features, world, rank in [(576, 576, 2, 1), (1536, 576, 4, 3), (192, 576, 3, 0),
+                                                    (128, 64, 8, 7), (7, 33, 3, 2)]:
+        packed, state = quantize_4bit(torch.randn(out_features, in_features), double_quant=True)
+        expected = _shard_bytes(packed, world, rank) + _shard_bytes(state.absmax, world, rank)
+        ok, got = call_learner(1, rank_bytes, out_features, in_features, world, rank)
+        if not ok:
+            return False
+        if got != expected:
+            print(f"Exercise 1: rank {rank} of {world} holds {expected:,} bytes of a {out_features}x{in_features} "
+                  f"layer, you said {got!r}.")
+            if got == (out_features * in_features // 2) // world:
+                print("  Hint: the block constants are sharded too (one uint8 per 64 weights).")
+            return False
+    print("Exercise 1: correct")
+    return True
+
+
+def check_exercise_2(loftq_round) -> bool:
+    """``loftq_round(weight, r)`` must return ``(Q, B, A)``: ``Q`` the
+    dequantized NF4 (double-quantized, blocks of 64) of ``weight`` and ``B A``
+    the best rank-``r`` approximation of the residual ``weight - Q``."""
+    generator = torch.Generator().manual_seed(9)
+    for shape, r in [((64, 96), 4), ((128, 64), 8)]:
+        weight = torch.randn(shape, generator=generator)
+        packed, state, A_ref, B_ref = loftq_init(weight, r, num_iter=1)
+        Q_ref = dequantize_4bit(packed, state)
+        ok, got = call_learner(2, loftq_round, weight, r)
+        if not ok:
+            return False
+        if not (isinstance(got, tuple) and len(got) == 3):
+            print("Exercise 2: return the tuple (Q, B, A).")
+            return False
+        Q, B, A = got
+        if not torch.allclose(Q, Q_ref):
+            print("Exercise 2: Q is not NF4(weight) dequantized (use quantize_4bit with double_quant=True).")
+            return False
+        if tuple(B.shape) != (shape[0], r) or tuple(A.shape) != (r, shape[1]):
+            print(f"Exercise 2: B must be {shape[0]} x {r} and A {r} x {shape[1]}.")
+            return False
+        if not torch.allclose(B @ A, B_ref @ A_ref, rtol=1e-4, atol=1e-5):
+            print("Exercise 2: B A is not the best rank-r approximation of weight - Q (truncated SVD).")
+            return False
+    print("Exercise 2: correct")
+    return True
