@@ -39,7 +39,7 @@ done; \
 echo "qlora-lab needs Python 3.11, 3.12, 3.13 or 3.14, and none is on the PATH (looked for python3.14 ... python3.11, python3, python): $(HOW_TO_GET_PYTHON)." >&2; exit 1
 endef
 
-.PHONY: lab test unit notebooks notebook-times env-check bench experiments gpu-smoke clean-venv python
+.PHONY: lab test unit notebooks notebook-times env-check bench experiments rank-and-judge gpu-smoke clean-venv python
 
 python:
 	@py=$$($(FIND_PYTHON)) && echo "qlora-lab would build .venv with $$py (Python $$("$$py" -c 'import sys; print(sys.version.split()[0])'))"
@@ -92,6 +92,14 @@ bench: $(STAMP)
 EXPERIMENT_STEPS ?= 300
 experiments: $(STAMP)
 	$(BIN)/python -m qlora_lab experiments --steps $(EXPERIMENT_STEPS)
+
+# Two seminar topics on the course's own adapters (about 10 min on two quiet cores):
+# 16-bit LoRA at r=8 and r=64 and QLoRA at r=8 on SmolLM2 with the same data, seed and steps;
+# the base model and both r=8 adapters answer held-out conversations and SmolLM2 judges every
+# pair in both orders. Writes notebooks/results/judge.json and rank_adapters.safetensors.
+RANK_JUDGE_ARGS ?=
+rank-and-judge: $(STAMP)
+	$(BIN)/python -m qlora_lab.rank_and_judge $(RANK_JUDGE_ARGS)
 
 # For teachers with a CUDA GPU: the 7B recipe for a few steps with each backend
 # (bitsandbytes and the course's layers): peak GPU memory against the estimate,

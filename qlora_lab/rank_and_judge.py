@@ -61,80 +61,107 @@ def _adapter_tensors(model, tag: str) -> dict[str, torch.Tensor]:
     return tensors
 
 
-def run(steps: int = 60, scored_per_task: int = 8, chat: int = 16, max_length: int = 96,
-        out_dir: str | Path = "runs/rank-and-judge", results_dir: str | Path = RESULTS_DIR, seed: int = 0) -> dict:
-    """Train, generate and judge (see the module docstring). Each finished run
-    is kept in ``out_dir/partial.json`` so that an interrupted call resumes."""
-    from safetensors.torch import load_file, save_file
+def _stage_path(out_dir: Path, name: str) -> Path:
+    return out_dir / f"{name}.json"
+
+
+def run_stage(stage: str, out_dir: Path, questions: list[dict], settings: dict) -> None:
+    """One stage, whose result is kept in ``out_dir``: ``base`` (the base
+    model's answers) or a run tag of :data:`RUNS` (train, keep the answers and
+    for :data:`RANK_RUNS` the q/v adapters). Stages are independent, so they
+    can run in separate processes side by side."""
+    from safetensors.torch import save_file
 
     from qlora_lab.models import load_smollm2
     from qlora_lab.train import preset, train
 
+    conversations = [q["messages"] for q in questions]
+    model, tokenizer = load_smollm2()
+    if stage == "base":
+        out = {"settings": settings,
+               "answers": data_lib.generate(model, tokenizer, conversations, max_new_tokens=settings["max_new_tokens"])}
+    elif stage in RUNS:
+        method, r = RUNS[stage]
+        config = preset("smollm2-cpu", method=method, lora_r=r, lora_alpha=2.0 * r, max_steps=settings["steps"],
+                        seed=settings["seed"], max_length=settings["max_length"], eval_every=settings["steps"],
+                        eval_examples=16, save_every=settings["steps"])
+        started = time.perf_counter()
+        result = train(config, out_dir / stage, model=model, tokenizer=tokenizer, splits=data_lib.load_dataset(),
+                       progress="log")
+        out = {"settings": settings, "method": method, "r": r, "alpha": 2.0 * r,
+               "seconds": time.perf_counter() - started, "train_loss": result.losses(),
+               "evaluations": result.evaluations}
+        if stage in RANK_RUNS:
+            save_file(_adapter_tensors(result.model, stage), str(out_dir / f"{stage}.safetensors"))
+        if stage in PLAYERS.values():
+            out["answers"] = data_lib.generate(result.model, tokenizer, conversations,
+                                               max_new_tokens=settings["max_new_tokens"])
+    else:
+        raise ValueError(f"unknown stage {stage!r}; choose base, {', '.join(RUNS)} or all")
+    _stage_path(out_dir, stage).write_text(json.dumps(out))
+
+
+def run(steps: int = 16, scored_per_task: int = 4, chat: int = 8, max_length: int = 64,
+        out_dir: str | Path = "runs/rank-and-judge", results_dir: str | Path = RESULTS_DIR, seed: int = 0,
+        stage: str = "all", max_new_tokens: int = 40) -> dict | None:
+    """Train, generate and judge (see the module docstring). ``stage="all"``
+    runs every stage not yet kept in ``out_dir`` (with the same settings),
+    then judges and writes the results; one stage name runs only that stage."""
+    from safetensors.torch import load_file, save_file
+
+    from qlora_lab.models import load_smollm2
+
     if steps < 1:
         raise ValueError(f"steps must be positive, got {steps}")
     results_dir, out_dir = Path(results_dir), Path(out_dir)
-    results_dir.mkdir(parents=True, exist_ok=True)
     out_dir.mkdir(parents=True, exist_ok=True)
     splits = data_lib.load_dataset()
     questions = held_out_questions(splits["test"], scored_per_task, chat)
-    conversations = [q["messages"] for q in questions]
-    base, tokenizer = load_smollm2()
     settings = {"steps": steps, "max_length": max_length, "scored_per_task": scored_per_task, "chat": chat,
-                "seed": seed}
-    partial_path, tensors_path = out_dir / "partial.json", out_dir / "rank_adapters.safetensors"
-    summary = json.loads(partial_path.read_text()) if partial_path.exists() else {}
-    if summary.get("settings") != settings:
-        summary = {"settings": settings, "runs": {}, "answers": {}}
-    tensors = load_file(str(tensors_path)) if tensors_path.exists() and summary["runs"] else {}
-    if "base" not in summary["answers"]:
-        summary["answers"]["base"] = data_lib.generate(base, tokenizer, conversations, max_new_tokens=48)
-    for tag, (method, r) in RUNS.items():
-        if tag in summary["runs"]:
-            continue
-        config = preset("smollm2-cpu", method=method, lora_r=r, lora_alpha=2.0 * r, max_steps=steps, seed=seed,
-                        max_length=max_length, eval_every=steps, eval_examples=32, save_every=steps)
-        model, _ = load_smollm2()
-        started = time.perf_counter()
-        result = train(config, out_dir / tag, model=model, tokenizer=tokenizer, splits=splits, progress="log")
-        summary["runs"][tag] = {"method": method, "r": r, "alpha": 2.0 * r, "seconds": time.perf_counter() - started,
-                                "train_loss": result.losses(), "evaluations": result.evaluations}
-        if tag in RANK_RUNS:
-            tensors.update(_adapter_tensors(result.model, tag))
-            save_file(tensors, str(tensors_path))
-        for player, run_tag in PLAYERS.items():
-            if run_tag == tag:
-                summary["answers"][player] = data_lib.generate(result.model, tokenizer, conversations,
-                                                               max_new_tokens=48)
-        partial_path.write_text(json.dumps(summary))
-        del model, result
-
+                "seed": seed, "max_new_tokens": max_new_tokens}
+    if stage != "all":
+        run_stage(stage, out_dir, questions, settings)
+        return None
+    kept = {}
+    for name in ("base", *RUNS):
+        path = _stage_path(out_dir, name)
+        if not path.exists() or json.loads(path.read_text())["settings"] != settings:
+            run_stage(name, out_dir, questions, settings)
+        kept[name] = json.loads(path.read_text())
+    answers = {p: kept[tag or "base"]["answers"] for p, tag in PLAYERS.items()}
+    base, tokenizer = load_smollm2()
     judge = judge_lib.Judge(base, tokenizer)
     started = time.perf_counter()
-    answers = {p: summary["answers"][p] for p in PLAYERS}
     verdicts = judge_lib.judge_all_pairs(judge, questions, answers)
-    summary.update({
+    summary = {
         "date": datetime.now(timezone.utc).strftime("%Y-%m-%d"), "machine": platform.processor() or platform.machine(),
-        "threads": torch.get_num_threads(), "torch": torch.__version__, "players": list(PLAYERS),
+        "threads": torch.get_num_threads(), "torch": torch.__version__, "settings": settings,
+        "runs": {tag: {k: v for k, v in kept[tag].items() if k not in ("answers", "settings")} for tag in RUNS},
+        "players": {p: tag or "base model" for p, tag in PLAYERS.items()},
         "judge_seconds": time.perf_counter() - started,
         "judge": {"model": "SmolLM2-135M-Instruct (the base model)", "instructions": judge_lib.JUDGE_INSTRUCTIONS},
         "questions": [{"id": q["id"], "task": q["task"], "answer": q.get("answer")} for q in questions],
-        "answers": answers, "verdicts": verdicts})
-    save_file({k: v for k, v in tensors.items() if k.split(".", 1)[0] in RANK_RUNS},
-              str(results_dir / "rank_adapters.safetensors"), metadata={"steps": str(steps)})
+        "answers": answers, "verdicts": verdicts}
+    results_dir.mkdir(parents=True, exist_ok=True)
+    tensors = {}
+    for tag in RANK_RUNS:
+        tensors.update(load_file(str(out_dir / f"{tag}.safetensors")))
+    save_file(tensors, str(results_dir / "rank_adapters.safetensors"), metadata={"steps": str(steps)})
     (results_dir / "judge.json").write_text(json.dumps(summary, indent=1))
     return summary
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--steps", type=int, default=60)
-    parser.add_argument("--max-length", type=int, default=96)
-    parser.add_argument("--scored-per-task", type=int, default=8)
-    parser.add_argument("--chat", type=int, default=16)
+    parser.add_argument("--steps", type=int, default=16)
+    parser.add_argument("--max-length", type=int, default=64)
+    parser.add_argument("--scored-per-task", type=int, default=4)
+    parser.add_argument("--chat", type=int, default=8)
+    parser.add_argument("--stage", default="all", help="base, one of the runs, or all (the default)")
     parser.add_argument("--out", default="runs/rank-and-judge")
     parser.add_argument("--results-dir", default=str(RESULTS_DIR))
     args = parser.parse_args(argv)
-    run(args.steps, args.scored_per_task, args.chat, args.max_length, args.out, args.results_dir)
+    run(args.steps, args.scored_per_task, args.chat, args.max_length, args.out, args.results_dir, stage=args.stage)
     return 0
 
 
