@@ -93,7 +93,7 @@ EXPERIMENT_STEPS ?= 300
 experiments: $(STAMP)
 	$(BIN)/python -m qlora_lab experiments --steps $(EXPERIMENT_STEPS)
 
-# Two seminar topics on the course's own adapters (about 10 min on two quiet cores):
+# Two seminar topics on the course's own adapters (chapter 04 and chapter 07, section 10):
 # 16-bit LoRA at r=8 and r=64 and QLoRA at r=8 on SmolLM2 with the same data, seed and steps;
 # the base model and both r=8 adapters answer held-out conversations and SmolLM2 judges every
 # pair in both orders. Writes notebooks/results/judge.json and rank_adapters.safetensors.
