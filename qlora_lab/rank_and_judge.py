@@ -14,9 +14,11 @@ judge-and-Elo evaluation (chapter 07), both on the course's own adapters.
 3. generates greedy answers of the base model, QLoRA r=8 and 16-bit LoRA r=8 to
    held-out test conversations (scored tasks and open chat);
 4. has a judge model compare every pair of answers to each question, in both
-   orders (:mod:`qlora_lab.judge`), and writes answers, verdicts and run
-   details to ``notebooks/results/judge.json`` (chapter 07 computes the Elo
-   table, the order bias and the agreement with exact match from it).
+   orders (:mod:`qlora_lab.judge`), and on the scored questions also each
+   player's answer against the gold answer (to measure the judge against
+   exact match even when few players are right), and writes answers, verdicts
+   and run details to ``notebooks/results/judge.json`` (chapter 07 computes
+   the Elo table, the order bias and the agreement with exact match from it).
 """
 
 from __future__ import annotations
@@ -133,6 +135,17 @@ def run(steps: int = 16, scored_per_task: int = 4, chat: int = 8, max_length: in
     judge = judge_lib.Judge(base, tokenizer)
     started = time.perf_counter()
     verdicts = judge_lib.judge_all_pairs(judge, questions, answers)
+    # The judge against the truth: on the scored questions, the gold answer against each
+    # player's answer, in both orders (a player that is right ties with the gold answer).
+    reference_verdicts = []
+    for q, record in enumerate(questions):
+        if record.get("answer") is None:
+            continue
+        for player in PLAYERS:
+            for first, second in (("reference", player), (player, "reference")):
+                replies = {"reference": record["answer"], player: answers[player][q]}
+                reference_verdicts.append({"question": q, "first": first, "second": second, "p_first":
+                                           judge.prefers_first(record["messages"], replies[first], replies[second])})
     summary = {
         "date": datetime.now(timezone.utc).strftime("%Y-%m-%d"), "machine": platform.processor() or platform.machine(),
         "threads": torch.get_num_threads(), "torch": torch.__version__, "settings": settings,
@@ -141,7 +154,7 @@ def run(steps: int = 16, scored_per_task: int = 4, chat: int = 8, max_length: in
         "judge_seconds": time.perf_counter() - started,
         "judge": {"model": "SmolLM2-135M-Instruct (the base model)", "instructions": judge_lib.JUDGE_INSTRUCTIONS},
         "questions": [{"id": q["id"], "task": q["task"], "answer": q.get("answer")} for q in questions],
-        "answers": answers, "verdicts": verdicts}
+        "answers": answers, "verdicts": verdicts, "reference_verdicts": reference_verdicts}
     results_dir.mkdir(parents=True, exist_ok=True)
     tensors = {}
     for tag in RANK_RUNS:
