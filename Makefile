@@ -39,7 +39,7 @@ done; \
 echo "qlora-lab needs Python 3.11, 3.12, 3.13 or 3.14, and none is on the PATH (looked for python3.14 ... python3.11, python3, python): $(HOW_TO_GET_PYTHON)." >&2; exit 1
 endef
 
-.PHONY: lab test unit notebooks notebook-times env-check bench experiments after-finetuning gpu-smoke clean-venv python
+.PHONY: lab test unit notebooks notebook-times env-check bench experiments after-finetuning rank-and-judge gpu-smoke clean-venv python
 
 python:
 	@py=$$($(FIND_PYTHON)) && echo "qlora-lab would build .venv with $$py (Python $$("$$py" -c 'import sys; print(sys.version.split()[0])'))"
@@ -100,6 +100,14 @@ experiments: $(STAMP)
 AFTER_ARGS ?=
 after-finetuning: $(STAMP)
 	$(BIN)/python -m qlora_lab after-finetuning $(AFTER_ARGS)
+
+# Two seminar topics on the course's own adapters (chapter 04 and chapter 07, section 10):
+# 16-bit LoRA at r=8 and r=64 and QLoRA at r=8 on SmolLM2 with the same data, seed and steps;
+# the base model and both r=8 adapters answer held-out conversations and SmolLM2 judges every
+# pair in both orders. Writes notebooks/results/judge.json and rank_adapters.safetensors.
+RANK_JUDGE_ARGS ?=
+rank-and-judge: $(STAMP)
+	$(BIN)/python -m qlora_lab.rank_and_judge $(RANK_JUDGE_ARGS)
 
 # For teachers with a CUDA GPU: the 7B recipe for a few steps with each backend
 # (bitsandbytes and the course's layers): peak GPU memory against the estimate,
