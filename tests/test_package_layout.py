@@ -1,0 +1,196 @@
+"""The package is the textbook: its shape, checked.
+
+- a chapter's module is short enough to read in one sitting (speed, plumbing and
+  exercise checkers are set apart in ``fast/``, ``support/`` and ``exercises/``);
+- no module imports another that imports it back, counting imports inside functions
+  (a cycle hidden behind a lazy import is still a cycle for the reader);
+- nothing outside a module reaches for its private names (``_name``): the package's
+  modules, ``bench/``, ``tests/`` and the notebooks use public names only;
+- every speed module is introduced in ``qlora_lab.fast``'s docstring and proven
+  equal to its reference in ``tests/test_fast.py``.
+"""
+
+import ast
+import json
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+PACKAGE = ROOT / "qlora_lab"
+SET_APART = ("fast", "support", "exercises")
+MAX_CHAPTER_MODULE_LINES = 450
+
+
+def module_name(path: Path) -> str:
+    parts = path.relative_to(ROOT).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def package_modules() -> dict[str, Path]:
+    return {module_name(p): p for p in sorted(PACKAGE.rglob("*.py"))}
+
+
+def imported_modules(path: Path, modules: dict[str, Path]) -> set[str]:
+    """The package's modules that `path` imports, at top level or inside functions.
+
+    ``from qlora_lab.x import y`` imports ``qlora_lab.x.y`` if that is a module and
+    ``qlora_lab.x`` otherwise; importing the package's root ``__init__`` is not counted
+    (every submodule imports its parent package, and the root imports no submodule).
+    """
+    tree = ast.parse(path.read_text(), filename=str(path))
+    this = module_name(path)
+    package = this if path.name == "__init__.py" else this.rpartition(".")[0]
+    found = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            names = [alias.name for alias in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                anchor = package.split(".")[: len(package.split(".")) - node.level + 1]
+                base = ".".join(anchor + ([base] if base else []))
+            names = [f"{base}.{alias.name}" if f"{base}.{alias.name}" in modules else base
+                     for alias in node.names]
+        else:
+            continue
+        for name in names:
+            while name and name not in modules:
+                name = name.rpartition(".")[0]
+            if name and name != "qlora_lab" and name != this:
+                found.add(name)
+    return found
+
+
+def test_no_chapter_module_is_longer_than_one_sitting():
+    too_long = {}
+    for name, path in package_modules().items():
+        if name.split(".")[1:2] and name.split(".")[1] in SET_APART:
+            continue
+        lines = len(path.read_text().splitlines())
+        if lines > MAX_CHAPTER_MODULE_LINES:
+            too_long[name] = lines
+    assert not too_long, (
+        f"modules over {MAX_CHAPTER_MODULE_LINES} lines: {too_long}; split the idea, or move "
+        "speed to qlora_lab/fast/ and plumbing to qlora_lab/support/")
+
+
+def test_the_import_graph_has_no_cycle():
+    modules = package_modules()
+    graph = {name: imported_modules(path, modules) for name, path in modules.items()}
+    state: dict[str, str] = {}
+    stack: list[str] = []
+
+    def visit(name):
+        state[name] = "open"
+        stack.append(name)
+        for other in sorted(graph[name]):
+            if state.get(other) == "open":
+                cycle = stack[stack.index(other):] + [other]
+                raise AssertionError("import cycle: " + " -> ".join(cycle))
+            if other not in state:
+                visit(other)
+        stack.pop()
+        state[name] = "done"
+
+    for name in sorted(graph):
+        if name not in state:
+            visit(name)
+
+
+def test_the_cycle_check_sees_imports_inside_functions(tmp_path):
+    """The checker itself: a lazy import inside a function is an edge."""
+    fake = tmp_path / "qlora_lab"
+    fake.mkdir()
+    (fake / "__init__.py").write_text("")
+    (fake / "a.py").write_text("def f():\n    from qlora_lab import b\n")
+    (fake / "b.py").write_text("from qlora_lab.a import f\n")
+    modules = {"qlora_lab": fake / "__init__.py", "qlora_lab.a": fake / "a.py",
+               "qlora_lab.b": fake / "b.py"}
+    global ROOT
+    saved, ROOT = ROOT, tmp_path
+    try:
+        assert imported_modules(fake / "a.py", modules) == {"qlora_lab.b"}
+        assert imported_modules(fake / "b.py", modules) == {"qlora_lab.a"}
+    finally:
+        ROOT = saved
+
+
+def private_uses(source: str, filename: str) -> list[str]:
+    """``from qlora_lab... import _x`` and ``<qlora_lab module>._x`` in `source`."""
+    tree = ast.parse(source, filename=filename)
+    module_aliases = set()
+    uses = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("qlora_lab"):
+            for alias in node.names:
+                if alias.name.startswith("_") and not alias.name.startswith("__"):
+                    uses.append(f"from {node.module} import {alias.name}")
+                module_aliases.add(alias.asname or alias.name)
+        elif isinstance(node, ast.Import):
+            for alias in node.names:
+                if alias.name.startswith("qlora_lab"):
+                    module_aliases.add(alias.asname or alias.name.split(".")[0])
+    for node in ast.walk(tree):
+        if (isinstance(node, ast.Attribute) and node.attr.startswith("_")
+                and not node.attr.startswith("__")):
+            chain = node.value
+            while isinstance(chain, ast.Attribute):
+                chain = chain.value
+            if isinstance(chain, ast.Name) and chain.id in module_aliases:
+                uses.append(f"{ast.unparse(node)}")
+    return uses
+
+
+def notebook_code(path: Path) -> str:
+    cells = json.loads(path.read_text())["cells"]
+    lines = []
+    for cell in cells:
+        if cell["cell_type"] == "code":
+            source = "".join(cell["source"])
+            # IPython magics and shell escapes are not Python.
+            lines += [line for line in source.splitlines()
+                      if not line.lstrip().startswith(("%", "!"))]
+    return "\n".join(lines)
+
+
+def test_nothing_uses_another_modules_private_names():
+    found = {}
+    files = [p for d in ("qlora_lab", "bench", "tests") for p in (ROOT / d).rglob("*.py")]
+    for path in files:
+        if path.name == "test_package_layout.py":
+            continue
+        uses = private_uses(path.read_text(), str(path))
+        if uses:
+            found[str(path.relative_to(ROOT))] = uses
+    for path in sorted((ROOT / "notebooks").rglob("*.ipynb")):
+        if ".ipynb_checkpoints" in path.parts:
+            continue
+        uses = private_uses(notebook_code(path), str(path))
+        if uses:
+            found[str(path.relative_to(ROOT))] = uses
+    assert not found, f"private names used across modules: {found}; make them public"
+
+
+@pytest.mark.parametrize("source, expected", [
+    ("from qlora_lab.memory import _PeakTracker", ["from qlora_lab.memory import _PeakTracker"]),
+    ("from qlora_lab import memory\nmemory._release()", ["memory._release"]),
+    ("import qlora_lab.models\nqlora_lab.models._quiet()", ["qlora_lab.models._quiet"]),
+    ("from qlora_lab import memory\nmemory.estimate(x._private)", []),
+    ("import torch\ntorch._C._get_tracing_state()", []),
+])
+def test_the_private_name_check_finds_what_it_should(source, expected):
+    assert private_uses(source, "<test>") == expected
+
+
+def test_every_speed_module_is_introduced_and_proven_equal():
+    doc = ast.get_docstring(ast.parse((PACKAGE / "fast" / "__init__.py").read_text())) or ""
+    test_file = ROOT / "tests" / "test_fast.py"
+    proven = imported_modules(test_file, package_modules())
+    assert doc.startswith("Speed, not course material"), doc[:80]
+    for path in sorted((PACKAGE / "fast").glob("*.py")):
+        if path.name == "__init__.py":
+            continue
+        name = module_name(path)
+        assert f":mod:`{name}`" in doc, f"{name} is not introduced in qlora_lab.fast's docstring"
+        assert name in proven, f"{name} has no equality test in tests/test_fast.py"
