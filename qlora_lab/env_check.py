@@ -74,7 +74,7 @@ def pinned_versions() -> dict[str, str]:
     return pins
 
 
-def _base_version(version: str) -> str:
+def base_version(version: str) -> str:
     """``2.13.0+cpu`` -> ``2.13.0``: the local label names the build, not the release."""
     return version.split("+", 1)[0]
 
@@ -87,7 +87,7 @@ def check_packages() -> list[Check]:
         except metadata.PackageNotFoundError:
             checks.append(Check(name, False, "missing", pinned))
             continue
-        checks.append(Check(name, _base_version(found) == pinned, _base_version(found), pinned))
+        checks.append(Check(name, base_version(found) == pinned, base_version(found), pinned))
     return checks
 
 

@@ -57,7 +57,7 @@ def test_missing_model_file_is_reported(monkeypatch):
 
 @pytest.mark.parametrize("version, base", [("2.13.0+cpu", "2.13.0"), ("2.13.0+cu128", "2.13.0"), ("0.21.2", "0.21.2")])
 def test_local_build_labels_are_ignored(version, base):
-    assert env_check._base_version(version) == base
+    assert env_check.base_version(version) == base
 
 
 def test_runs_as_a_module():

@@ -117,7 +117,7 @@ def test_exercise_3_right(capsys):
 
 
 def test_exercise_3_beats_bitsandbytes_rule_on_its_data():
-    x, w = ch01._exercise_3_data()
+    x, w = ch01.exercise_3_data()
     exact = x @ w.T
     ours = ch01.int8_matmul_inlier_stats(x, w, 6.0)
     bnb_rule = int8.int8_matmul(x, w, 6.0)

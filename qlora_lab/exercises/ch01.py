@@ -121,7 +121,7 @@ def int8_matmul_inlier_stats(x: torch.Tensor, w: torch.Tensor, threshold: float)
     return out
 
 
-def _exercise_3_data() -> tuple[torch.Tensor, torch.Tensor]:
+def exercise_3_data() -> tuple[torch.Tensor, torch.Tensor]:
     g = torch.Generator().manual_seed(3)
     x = torch.randn(16, 96, generator=g)
     # an outlier feature of size 3..9: above the threshold 6 in some rows only
@@ -136,7 +136,7 @@ def check_exercise_3(int8_matmul_inliers) -> bool:
     """``int8_matmul_inliers(x, w, threshold)``: like ``int8_matmul(x, w, threshold)``, but
     each row's absmax (its scale) is computed over the columns that are not outlier
     columns. Compared with the reference to within 1e-5 of the output's largest magnitude."""
-    x, w = _exercise_3_data()
+    x, w = exercise_3_data()
     threshold = 6.0
     expected = int8_matmul_inlier_stats(x, w, threshold)
     ok, got = call_learner(3, int8_matmul_inliers, x.clone(), w.clone(), threshold)

@@ -36,7 +36,7 @@ _EXERCISE_1_SCENARIOS = [
 ]
 
 
-def _exercise_1_cases():
+def exercise_1_cases():
     """Yield ``(lru_order, pinned, page_bytes, shortfall, expected)`` for each
     scenario; ``expected`` is what the real pager evicted."""
     for sizes, pinned_ids, touched, free_pages, request in _EXERCISE_1_SCENARIOS:
@@ -90,7 +90,7 @@ def check_exercise_1(pages_to_evict) -> bool:
     used first, just enough to free ``shortfall`` bytes; an empty list when
     the request fits (``shortfall <= 0``) or when all unpinned pages together
     would not free enough (the pool then evicts nothing)."""
-    for lru, pinned, page_bytes, shortfall, expected in _exercise_1_cases():
+    for lru, pinned, page_bytes, shortfall, expected in exercise_1_cases():
         ok, got = call_learner(1, pages_to_evict, list(lru), set(pinned), page_bytes, shortfall)
         if not ok:
             return False
@@ -113,7 +113,7 @@ def check_exercise_1(pages_to_evict) -> bool:
 _EXERCISE_2_SIZES = [1, 255, 4095, 4096, 4097, 5000, 12288, 36864, 98304, 100_003]
 
 
-def _adamw8bit_state_bytes(numel: int) -> int:
+def adamw8bit_state_bytes(numel: int) -> int:
     """What ``bitsandbytes.optim.AdamW8bit`` keeps for one parameter of
     ``numel`` values, measured: its tensors except the shared quantization maps."""
     import qlora_lab  # noqa: F401  (before bitsandbytes)
@@ -162,7 +162,7 @@ def check_exercise_2(adamw8bit_state_bytes) -> bool:
         if isinstance(got, bool) or not isinstance(got, int):
             print(f"Exercise 2: return an int number of bytes, got {type(got).__name__} {got!r}")
             return False
-        expected = _adamw8bit_state_bytes(numel)
+        expected = adamw8bit_state_bytes(numel)
         if got != expected:
             print(f"Exercise 2: a parameter of {numel:,} values: bitsandbytes keeps {expected:,} bytes, "
                   f"your function says {got:,}")

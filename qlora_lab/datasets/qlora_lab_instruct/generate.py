@@ -13,13 +13,13 @@ Two kinds of examples, in the chat format of ``tokenizer.apply_chat_template``:
   the generator and the scorer cannot disagree.
 * **Open-ended conversations** (``task == "chat"``): explanations, how-to answers,
   polite rewrites and worked word problems, single- or multi-turn, assembled from
-  the hand-written text in ``pool.py``. Every pool is split into a training part
+  the hand-written text in ``pool.py`` and ``pool_tasks.py``. Every pool is split into a training part
   and a held-out part, so held-out conversations are about topics that training
   never saw.
 
 The same seed always produces byte-identical files (only Python's ``random``
 module with an explicit seed and plain string formatting are used).
-Code: MIT licence. Generated data and pool.py text: CC-BY-4.0.
+Code: MIT licence. Generated data and the text of pool.py and pool_tasks.py: CC-BY-4.0.
 """
 
 from __future__ import annotations
@@ -38,6 +38,7 @@ sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(HERE.parents[2]))  # the repository root, for qlora_lab
 
 import pool  # noqa: E402
+import pool_tasks  # noqa: E402
 from qlora_lab.data import SCORED_TASKS, validate_record  # noqa: E402
 from qlora_lab.evaluate import is_correct, normalize_answer  # noqa: E402
 
@@ -224,21 +225,21 @@ def _concept_chat(rng: random.Random, item: tuple[str, str, str, str, str]) -> t
 
 def _howto_chat(rng: random.Random, item: tuple[str, list[str], str]) -> tuple[list[dict], str]:
     task, steps, tip = item
-    question = rng.choice(pool.HOWTO_QUESTIONS).format(task=task)
+    question = rng.choice(pool_tasks.HOWTO_QUESTIONS).format(task=task)
     intro = rng.choice(["Here is a simple way to do it:", "You can do it in a few steps:",
                         "A good approach:"])
     body = "\n".join(f"{i}. {s}" for i, s in enumerate(steps, 1))
     messages = [{"role": "user", "content": question},
                 {"role": "assistant", "content": f"{intro}\n{body}"}]
     if rng.random() < 0.5:
-        messages += [{"role": "user", "content": rng.choice(pool.HOWTO_FOLLOW_UPS)},
+        messages += [{"role": "user", "content": rng.choice(pool_tasks.HOWTO_FOLLOW_UPS)},
                      {"role": "assistant", "content": f"One more tip: {tip}"}]
     return messages, "howto"
 
 
 def _rewrite_chat(rng: random.Random, item: tuple[str, str]) -> tuple[list[dict], str]:
     blunt, polite = item
-    question = rng.choice(pool.REWRITE_QUESTIONS).format(text=blunt)
+    question = rng.choice(pool_tasks.REWRITE_QUESTIONS).format(text=blunt)
     lead = rng.choice(["Here is a more polite version:", "Try this:", "You could say:"])
     return [{"role": "user", "content": question},
             {"role": "assistant", "content": f"{lead}\n\"{polite}\""}], "rewrite"
@@ -295,8 +296,8 @@ def _held_out_split(items: list, rng: random.Random, held_out: int) -> tuple[lis
 
 def _chat_examples(rng: random.Random) -> dict[str, list[dict]]:
     concepts = _held_out_split(pool.CONCEPTS, rng, 12)
-    howtos = _held_out_split(pool.HOWTOS, rng, 6)
-    rewrites = _held_out_split(pool.REWRITES, rng, 6)
+    howtos = _held_out_split(pool_tasks.HOWTOS, rng, 6)
+    rewrites = _held_out_split(pool_tasks.REWRITES, rng, 6)
     makers = [
         (_concept_chat, concepts, 0.5),
         (_howto_chat, howtos, 0.2),
@@ -316,7 +317,7 @@ def _chat_examples(rng: random.Random) -> dict[str, list[dict]]:
             else:
                 messages, kind = _word_problem_chat(rng)
             if rng.random() < 0.15:
-                messages = [{"role": "system", "content": rng.choice(pool.SYSTEM_PROMPTS)}] + messages
+                messages = [{"role": "system", "content": rng.choice(pool_tasks.SYSTEM_PROMPTS)}] + messages
             key = json.dumps(messages)
             if key in seen:
                 continue
