@@ -93,10 +93,10 @@ EXPERIMENT_STEPS ?= 300
 experiments: $(STAMP)
 	$(BIN)/python -m qlora_lab experiments --steps $(EXPERIMENT_STEPS)
 
-# Chapter 08's longer runs: two task adapters on SmolLM2 (trained only if notebooks/results/adapters/
+# Chapter 08's longer runs: two task adapters on SmolLM2 (trained only if qlora_lab/results/adapters/
 # lacks them; AFTER_ARGS=--retrain trains them again), their exact-match scores beside the 4-bit base,
 # merged, and merged into 4 bits; GGUF f16/Q8_0 read back; tokens/s. Writes
-# notebooks/results/after_finetuning.json, which chapter 08 shows.
+# qlora_lab/results/after_finetuning.json, which chapter 08 shows.
 AFTER_ARGS ?=
 after-finetuning: $(STAMP)
 	$(BIN)/python -m qlora_lab after-finetuning $(AFTER_ARGS)

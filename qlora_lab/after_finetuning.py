@@ -7,7 +7,7 @@ do inside its three-minute budget:
 1. trains two small QLoRA adapters on SmolLM2-135M-Instruct, each on one task
    of the course's data set (``date_iso`` and ``time_24h``), with the course's
    own training loop (:func:`qlora_lab.train.train`) on the NF4 + double
-   quantized base, and copies them to ``notebooks/results/adapters/<task>``
+   quantized base, and copies them to ``qlora_lab/results/adapters/<task>``
    (a few hundred kilobytes each, committed, so that the notebook starts from
    them);
 2. scores each adapter on its task's test questions (all 50, or
@@ -17,7 +17,7 @@ do inside its three-minute budget:
 3. measures greedy generation speed (tokens per second) of the float base, the
    NF4 base + adapter and the merged model in one process.
 
-Everything goes to ``notebooks/results/after_finetuning.json``.
+Everything goes to ``qlora_lab/results/after_finetuning.json``.
 """
 
 from __future__ import annotations
@@ -32,10 +32,11 @@ from pathlib import Path
 import torch
 
 from qlora_lab import data as data_lib
+from qlora_lab import evaluate
+from qlora_lab.support.resources import AFTER_FINETUNING_RESULTS, TASK_ADAPTERS_DIR
 
-RESULTS_DIR = Path(__file__).resolve().parent.parent / "notebooks" / "results"
-DEFAULT_RESULTS = RESULTS_DIR / "after_finetuning.json"
-ADAPTERS_DIR = RESULTS_DIR / "adapters"
+DEFAULT_RESULTS = AFTER_FINETUNING_RESULTS
+ADAPTERS_DIR = TASK_ADAPTERS_DIR
 TASKS = ("date_iso", "time_24h")
 PARTS = ("scores", "gguf", "speed")
 
@@ -65,7 +66,7 @@ def train_task_adapter(task: str, out_dir: str | Path, steps: int = 16, r: int =
 
 
 def commit_adapter(adapter_dir: str | Path, task: str, base_name: str = "smollm2") -> Path:
-    """Copy an adapter's two files to ``notebooks/results/adapters/<task>``,
+    """Copy an adapter's two files to ``qlora_lab/results/adapters/<task>``,
     naming ``base_name`` as its base (a name every reader's machine resolves)."""
     from qlora_lab.lora import CONFIG_NAME, WEIGHTS_NAME
 
@@ -79,7 +80,7 @@ def commit_adapter(adapter_dir: str | Path, task: str, base_name: str = "smollm2
 
 
 def _score(model, tokenizer, records: list[dict]) -> dict:
-    report = data_lib.score(model, tokenizer, records, max_new_tokens=16)
+    report = evaluate.score(model, tokenizer, records, max_new_tokens=16)
     return {"correct": report.correct, "total": report.total, "predictions": report.predictions}
 
 
@@ -122,7 +123,7 @@ def run(steps: int = 16, out_dir: str | Path = "runs/after-finetuning", results:
         bank.add(task, ADAPTERS_DIR / task)
     fresh: dict = {"scores": {}, "requantize": {}, "gguf": {}, "speed": {}}
     for task in TASKS:
-        records = data_lib.scored_records(splits["test"], tasks=(task,), per_task=per_task)
+        records = evaluate.scored_records(splits["test"], tasks=(task,), per_task=per_task)
         merged, _ = merged_model(ADAPTERS_DIR / task, loaded=_dequantized(nf4_base), tokenizer=tokenizer)
         requantized = copy.deepcopy(nf4_base)
         load_adapter(requantized, ADAPTERS_DIR / task)
@@ -173,7 +174,7 @@ def _gguf_checks(merged, tokenizer, records) -> dict:
 
     out = {}
     prompts = [data_lib.prompt_ids(r["messages"], tokenizer) for r in records]
-    reference = data_lib.generate(merged, tokenizer, [r["messages"] for r in records], max_new_tokens=16)
+    reference = evaluate.generate(merged, tokenizer, [r["messages"] for r in records], max_new_tokens=16)
     with tempfile.TemporaryDirectory() as tmp:
         for gguf_type in ("f16", "q8_0"):
             path = write_gguf(merged, tokenizer, Path(tmp) / f"model.{gguf_type}.gguf", gguf_type,
@@ -186,7 +187,7 @@ def _gguf_checks(merged, tokenizer, records) -> dict:
                 for ids in prompts:
                     x = torch.tensor([ids])
                     worst = max(worst, (loaded(x).logits - merged(x).logits).abs().max().item())
-            answers = data_lib.generate(loaded, loaded_tokenizer, [r["messages"] for r in records], max_new_tokens=16)
+            answers = evaluate.generate(loaded, loaded_tokenizer, [r["messages"] for r in records], max_new_tokens=16)
             out[gguf_type] = {"bytes": path.stat().st_size, "max_abs_logit_difference": worst,
                               "same_greedy_answers": sum(a == b for a, b in zip(answers, reference)),
                               "answers": len(records), "load_seconds": seconds}

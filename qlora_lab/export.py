@@ -35,8 +35,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -46,6 +44,7 @@ from torch import nn
 from qlora_lab.chat import adapter_config, base_model_name, check_tokenizer_files
 from qlora_lab.lora import load_adapter, lora_modules, merge_lora
 from qlora_lab.qlora import LinearNF4, quantize_model
+from qlora_lab.support.atomic import atomic_directory
 
 FORMATS = ("hf", "gguf")
 GGUF_TYPES = ("f16", "q8_0")
@@ -171,20 +170,15 @@ def merge_into_4bit(model: nn.Module) -> RequantizeReport:
 # --------------------------------------------------------------------------- #
 @contextlib.contextmanager
 def new_directory(out: str | os.PathLike):
-    """Yield a staging directory beside ``out``; on success rename it to ``out``.
-    ``out`` must not exist: an export never replaces or mixes into earlier files."""
+    """Yield a staging directory that becomes ``out`` when the block succeeds
+    (:func:`qlora_lab.support.atomic.atomic_directory`). ``out`` must not
+    exist, even empty: an export never replaces or mixes into earlier files."""
     target = Path(out).expanduser()
     if target.exists():
         raise FileExistsError(f"{target} already exists; an export never overwrites files: choose a new --out "
                               f"directory or remove this one yourself.")
-    target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
-    try:
+    with atomic_directory(target) as staging:
         yield staging
-        staging.rename(target)
-    finally:
-        if staging.exists():
-            shutil.rmtree(staging, ignore_errors=True)
 
 
 def save_hf(model: nn.Module, tokenizer, out: str | os.PathLike, dtype: torch.dtype | None = None) -> Path:

@@ -12,7 +12,8 @@ from __future__ import annotations
 from importlib.resources import files
 from pathlib import Path
 
-__all__ = ["COURSE_DATASET_DIR", "EVAL_TEXT_DIR", "EXPERIMENT_RESULTS", "package_path"]
+__all__ = ["AFTER_FINETUNING_RESULTS", "COURSE_DATASET_DIR", "EVAL_TEXT_DIR", "EXPERIMENT_RESULTS", "RESULTS_DIR",
+           "TASK_ADAPTERS_DIR", "package_path"]
 
 
 def package_path(*parts: str) -> Path:
@@ -33,3 +34,12 @@ EVAL_TEXT_DIR = package_path("datasets", "eval_text")
 
 #: The results of ``make experiments`` that chapter 07 plots.
 EXPERIMENT_RESULTS = package_path("results", "experiments.json")
+
+#: Every committed result of a ``make`` target that a chapter shows.
+RESULTS_DIR = package_path("results")
+
+#: The results of ``make after-finetuning`` that chapter 08 shows.
+AFTER_FINETUNING_RESULTS = RESULTS_DIR / "after_finetuning.json"
+
+#: Chapter 08's two task adapters (``date_iso``, ``time_24h``), in peft's format.
+TASK_ADAPTERS_DIR = RESULTS_DIR / "adapters"
