@@ -33,6 +33,7 @@ import torch
 
 from qlora_lab import data as data_lib
 from qlora_lab import evaluate
+from qlora_lab.support.atomic import atomic_directory
 from qlora_lab.support.resources import AFTER_FINETUNING_RESULTS, TASK_ADAPTERS_DIR
 
 DEFAULT_RESULTS = AFTER_FINETUNING_RESULTS
@@ -59,7 +60,7 @@ def train_task_adapter(task: str, out_dir: str | Path, steps: int = 16, r: int =
 
     splits = task_splits(task)
     model, tokenizer = load_smollm2()
-    config = preset("smollm2-cpu", max_steps=steps, lora_r=r, lora_alpha=float(2 * r), seed=seed,
+    config = preset("smollm2-cpu", max_steps=steps, r=r, lora_alpha=float(2 * r), seed=seed,
                     batch_size=batch_size, eval_every=steps, save_every=steps, eval_examples=8)
     result = train(config, out_dir, model=model, tokenizer=tokenizer, splits=splits, progress="log")
     return result.adapter_dir
@@ -70,12 +71,12 @@ def commit_adapter(adapter_dir: str | Path, task: str, base_name: str = "smollm2
     naming ``base_name`` as its base (a name every reader's machine resolves)."""
     from qlora_lab.lora import CONFIG_NAME, WEIGHTS_NAME
 
-    target = ADAPTERS_DIR / task
-    target.mkdir(parents=True, exist_ok=True)
     config = json.loads((Path(adapter_dir) / CONFIG_NAME).read_text())
     config["base_model_name_or_path"] = base_name
-    shutil.copyfile(Path(adapter_dir) / WEIGHTS_NAME, target / WEIGHTS_NAME)
-    (target / CONFIG_NAME).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    target = ADAPTERS_DIR / task
+    with atomic_directory(target, overwrite=True) as staging:
+        shutil.copyfile(Path(adapter_dir) / WEIGHTS_NAME, staging / WEIGHTS_NAME)
+        (staging / CONFIG_NAME).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
     return target
 
 
