@@ -133,8 +133,13 @@ def finetune(args) -> int:
         import torch
 
         torch.cuda.reset_peak_memory_stats()
-    result = train(config, args.out, resume=args.resume, progress=args.progress, fsdp=args.fsdp,
-                   dist_backend=args.dist_backend)
+    if args.fsdp:
+        from qlora_lab.fsdp import train_fsdp
+
+        result = train_fsdp(config, args.out, resume=args.resume, progress=args.progress,
+                            dist_backend=args.dist_backend)
+    else:
+        result = train(config, args.out, resume=args.resume, progress=args.progress)
     if args.fsdp and not _is_rank0():
         return 0  # rank 0 reports for all
     first, last = result.evaluations[0], result.evaluations[-1]
@@ -221,7 +226,7 @@ def add_after_finetuning_commands(commands) -> None:
                                                   "trained with (default); float: into the float checkpoint")
     exp.add_argument("--dtype", default=None, help="with --format hf: float32, float16 or bfloat16 weights")
     af = commands.add_parser("after-finetuning", help="chapter 08's longer runs: task adapters, scores after "
-                                                      "merging, tokens/s (writes notebooks/results/)")
+                                                      "merging, tokens/s (writes qlora_lab/results/)")
     af.add_argument("--steps", type=int, default=16)
     af.add_argument("--out", default="runs/after-finetuning", help="where the training runs go")
     af.add_argument("--retrain", action="store_true", help="train the adapters again even if they are committed")

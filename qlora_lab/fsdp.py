@@ -72,11 +72,14 @@ from torch.distributed.fsdp import fully_shard
 from torch.distributed.tensor import DTensor, distribute_tensor
 
 from qlora_lab import data as data_lib
+from qlora_lab import evaluate
 from qlora_lab import train as train_lib
 from qlora_lab.fast.loss import causal_lm_loss
-from qlora_lab.lora import KEY_PREFIX, WEIGHTS_NAME, lora_modules, save_adapter
+from qlora_lab.lora import WEIGHTS_NAME, lora_modules, save_adapter
+from qlora_lab.lora.peft_format import KEY_PREFIX
 from qlora_lab.qlora import LinearNF4
 from qlora_lab.support import distributed
+from qlora_lab.support import resume as resume_lib
 
 __all__ = ["SHARDED_BUFFERS", "check_world_size", "make_shardable", "parameter_bytes", "shard_model",
            "train_fsdp", "valid_world_sizes"]
@@ -233,20 +236,20 @@ def _save_checkpoint(out_dir: Path, step: int, model, optimizer, scheduler, stat
     """``checkpoint-<step>`` as :func:`qlora_lab.train.save_checkpoint` writes
     it (adapter, ``training_state.pt``, trainer state last, one rename), with
     the optimizer state gathered whole and every rank's random state."""
-    final = out_dir / f"{train_lib.CHECKPOINT_PREFIX}{step}"
+    final = out_dir / f"{resume_lib.CHECKPOINT_PREFIX}{step}"
     optim = get_optimizer_state_dict(model, optimizer, options=StateDictOptions(full_state_dict=True,
                                                                                 cpu_offload=True))
     rng = distributed.gather_to_rank0({"torch": torch.get_rng_state(), "python": random.getstate()})
     staging = Path(tempfile.mkdtemp(prefix=f".{final.name}-", dir=out_dir)) if dist.get_rank() == 0 else None
-    save_sharded_adapter(model, staging / train_lib.ADAPTER_DIR if staging else None, config.model)
+    save_sharded_adapter(model, staging / resume_lib.ADAPTER_DIR if staging else None, config.model)
     if dist.get_rank() == 0:
         torch.save({"optimizer": optim, "scheduler": scheduler.state_dict(), "rng": rng,
                     "world_size": dist.get_world_size()}, staging / "training_state.pt")
-        (staging / train_lib.TRAINER_STATE).write_text(json.dumps(state, indent=1))
+        (staging / resume_lib.TRAINER_STATE).write_text(json.dumps(state, indent=1))
         if final.exists():
             shutil.rmtree(final)
         staging.rename(final)
-        found = sorted(out_dir.glob(f"{train_lib.CHECKPOINT_PREFIX}*"), key=lambda p: int(p.name.split("-")[-1]))
+        found = sorted(out_dir.glob(f"{resume_lib.CHECKPOINT_PREFIX}*"), key=lambda p: int(p.name.split("-")[-1]))
         for old in found[:-config.keep_checkpoints]:
             shutil.rmtree(old, ignore_errors=True)
     dist.barrier()
@@ -276,9 +279,9 @@ def train_fsdp(config, out_dir: str | os.PathLike, *, resume: bool = False, prog
     info = distributed.check_environment()  # before anything is loaded
     distributed.choose_backend(dist_backend)
     out_dir = Path(out_dir)
-    if resume and train_lib.latest_checkpoint(out_dir) is None:
+    if resume and resume_lib.latest_checkpoint(out_dir) is None:
         raise FileNotFoundError(f"--resume: there is no complete checkpoint in {out_dir}; start without --resume")
-    if not resume and train_lib.latest_checkpoint(out_dir) is not None:
+    if not resume and resume_lib.latest_checkpoint(out_dir) is not None:
         raise FileExistsError(f"{out_dir} already holds checkpoints of a run; pass --resume to continue it, or "
                               f"choose another output directory")
     if splits is None:
@@ -314,14 +317,14 @@ def _train_loop(config, out_dir: Path, resume: bool, progress: str, splits: dict
                                        config.seed, config.group_by_length)
     result = train_lib.TrainResult(config=config, backend="qlora_lab+fsdp")
     state = {"step": 0, "history": [], "evaluations": [], "config": dataclasses.asdict(config)}
-    checkpoint = train_lib.latest_checkpoint(out_dir) if resume else None
+    checkpoint = resume_lib.latest_checkpoint(out_dir) if resume else None
     if checkpoint is not None:
-        load_sharded_adapter(model, checkpoint / train_lib.ADAPTER_DIR)
-        saved = train_lib.load_training_state(checkpoint / "training_state.pt")
+        load_sharded_adapter(model, checkpoint / resume_lib.ADAPTER_DIR)
+        saved = resume_lib.load_training_state(checkpoint / "training_state.pt")
         set_optimizer_state_dict(model, optimizer, saved["optimizer"],
                                  options=StateDictOptions(full_state_dict=True))
         scheduler.load_state_dict(saved["scheduler"])
-        state = json.loads((checkpoint / train_lib.TRAINER_STATE).read_text())
+        state = json.loads((checkpoint / resume_lib.TRAINER_STATE).read_text())
         rng = saved["rng"][rank] if len(saved["rng"]) == world else saved["rng"][0]
         torch.set_rng_state(rng["torch"])
         random.setstate(rng["python"])
@@ -337,7 +340,7 @@ def _train_loop(config, out_dir: Path, resume: bool, progress: str, splits: dict
         with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
             entry = {"step": step}
             if eval_examples:
-                entry["eval_loss"] = train_lib.evaluation_loss(model, eval_examples, pad_id, config.eval_batch_size)
+                entry["eval_loss"] = evaluate.evaluation_loss(model, eval_examples, pad_id, config.eval_batch_size)
         state["evaluations"].append(entry)
         say(f"eval at step {step}: " + ", ".join(f"{k} {v:.4f}" for k, v in entry.items() if k != "step"))
 
@@ -353,7 +356,7 @@ def _train_loop(config, out_dir: Path, resume: bool, progress: str, splits: dict
         micro = [schedule[(step - 1) * config.gradient_accumulation_steps + i]
                  for i in range(config.gradient_accumulation_steps)]
         batches = [data_lib.collate([train_examples[j] for j in idx], pad_id) for idx in micro]
-        n_labelled = sum(train_lib.labelled_tokens(b["labels"]) for b in batches)  # the whole step's
+        n_labelled = sum(evaluate.labelled_tokens(b["labels"]) for b in batches)  # the whole step's
         mine = batches[rank::world]
         assert len(mine) == per_rank
         local_loss, tokens = 0.0, 0
@@ -384,7 +387,7 @@ def _train_loop(config, out_dir: Path, resume: bool, progress: str, splits: dict
         if step % config.save_every == 0 and step < config.max_steps:
             _save_checkpoint(out_dir, step, model, optimizer, scheduler, state, config)
 
-    result.adapter_dir = out_dir / train_lib.ADAPTER_DIR
+    result.adapter_dir = out_dir / resume_lib.ADAPTER_DIR
     save_sharded_adapter(model, result.adapter_dir if rank == 0 else None, config.model)
     memory = distributed.gather_to_rank0({"parameter_bytes": rank_bytes,
                                           "optimizer_state_bytes": _optimizer_state_bytes(optimizer)})

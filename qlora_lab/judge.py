@@ -35,7 +35,7 @@ from typing import Mapping, Sequence
 
 import torch
 
-from qlora_lab import data as data_lib
+from qlora_lab import evaluate
 
 JUDGE_INSTRUCTIONS = (
     "You are a strict judge. Below are a conversation and two candidate replies to its last message. "
@@ -210,7 +210,7 @@ def agreement_with_truth(verdicts: Sequence[Verdict], questions: Sequence[Mappin
     for p, replies in answers.items():
         for q, record in enumerate(questions):
             if record.get("answer") is not None:
-                right[(p, q)] = data_lib.is_correct(replies[q], record["answer"])
+                right[(p, q)] = evaluate.is_correct(replies[q], record["answer"])
     items = agree = both = pairs = 0
     for (q, _), (v1, v2) in _both_orders(verdicts).items():
         a, b = v1.first, v1.second

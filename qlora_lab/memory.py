@@ -73,7 +73,7 @@ What the paper measured, and how this model compares
   (1.92 GB) exceed 5 GB. Compared like with like,
   :func:`deployment_footprint` (weights, adapters, key/value cache for the
   full 2048-token context at batch 1) is within 7% of all six rows
-  (:func:`paper_comparison`). The finetuning totals of :func:`estimate` are
+  (:func:`qlora_lab.memory_report.paper_comparison`). The finetuning totals of :func:`estimate` are
   6.1/10.6/23.9/44.9 GB: +22%, +6%, +14%, +10% above the column.
 
 Every figure is in bytes; tables print decimal gigabytes (1 GB = 10^9 bytes).
@@ -442,35 +442,3 @@ def deployment_footprint(
     kv_cache = 2 * shape.layers * shape.kv_dim * context * batch * c
     return Footprint(model=model_name(config, original), bits=bits, context=context, batch=batch,
                      weights=weights, adapters=adapters, kv_cache=kv_cache)
-
-
-def paper_comparison(**settings) -> list[dict]:
-    """Table 6's Memory column next to this model, row by row, in GB.
-
-    For every row: the paper's figure; the model's weights (with adapters
-    for the 4-bit Guanaco models); the deployment footprint of
-    :func:`deployment_footprint` (weights, adapters, key/value cache for the
-    full 2048-token context, batch 1) and its deviation; and for the 4-bit
-    rows the QLoRA finetuning ``total`` of :func:`estimate` (``settings``
-    are passed to it) and its deviation.
-    """
-    rows = []
-    for label, name, bits, paper in PAPER_TABLE6:
-        footprint = deployment_footprint(name, bits=bits, lora_r=GUANACO_LORA_R if bits == 4 else None)
-        row = {
-            "model": label,
-            "config": name,
-            "bits": bits,
-            "paper_gb": paper,
-            "weights_gb": (footprint.weights + footprint.adapters) / GB,
-            "deployment_gb": footprint.total / GB,
-            "deployment_vs_paper": footprint.total / GB / paper - 1,
-            "finetuning_gb": None,
-            "finetuning_vs_paper": None,
-        }
-        if bits == 4:
-            total = estimate(name, "qlora", **settings).total
-            row["finetuning_gb"] = total / GB
-            row["finetuning_vs_paper"] = total / GB / paper - 1
-        rows.append(row)
-    return rows

@@ -2,13 +2,15 @@
 paper comparison as a table, and the stacked-bar chart of LLaMA 7B-65B under
 full 16-bit finetuning, LoRA and QLoRA against 24, 48 and 80 GB GPUs.
 
-The numbers come from :mod:`qlora_lab.memory`; this module only lays them out.
+The numbers come from :mod:`qlora_lab.memory`; this module sets them side by side
+(with the paper's figures) and lays them out.
 """
 
 from __future__ import annotations
 
-from qlora_lab.memory import (GB, GPU_SIZES_GB, LLAMA_SIZES, METHODS, MemoryEstimate, estimate, gpu_capacity_bytes,
-                              paper_comparison)
+from qlora_lab.memory import (GB, GPU_SIZES_GB, GUANACO_LORA_R, LLAMA_SIZES, METHODS, PAPER_TABLE6, MemoryEstimate,
+                              deployment_footprint, estimate, gpu_capacity_bytes)
+
 
 def estimates_table(estimates: list[MemoryEstimate]) -> str:
     """Several estimates side by side, one row each, in GB."""
@@ -19,6 +21,38 @@ def estimates_table(estimates: list[MemoryEstimate]) -> str:
         rows.append(f"{e.model:<{width}}{e.method:<8}"
                     + "".join(f"{v / GB:>12.2f}" for v in e.components().values()) + f"{e.total / GB:>10.2f}")
     return "\n".join(rows)
+
+
+def paper_comparison(**settings) -> list[dict]:
+    """Table 6's Memory column next to this model, row by row, in GB.
+
+    For every row: the paper's figure; the model's weights (with adapters
+    for the 4-bit Guanaco models); the deployment footprint of
+    :func:`deployment_footprint` (weights, adapters, key/value cache for the
+    full 2048-token context, batch 1) and its deviation; and for the 4-bit
+    rows the QLoRA finetuning ``total`` of :func:`estimate` (``settings``
+    are passed to it) and its deviation.
+    """
+    rows = []
+    for label, name, bits, paper in PAPER_TABLE6:
+        footprint = deployment_footprint(name, bits=bits, lora_r=GUANACO_LORA_R if bits == 4 else None)
+        row = {
+            "model": label,
+            "config": name,
+            "bits": bits,
+            "paper_gb": paper,
+            "weights_gb": (footprint.weights + footprint.adapters) / GB,
+            "deployment_gb": footprint.total / GB,
+            "deployment_vs_paper": footprint.total / GB / paper - 1,
+            "finetuning_gb": None,
+            "finetuning_vs_paper": None,
+        }
+        if bits == 4:
+            total = estimate(name, "qlora", **settings).total
+            row["finetuning_gb"] = total / GB
+            row["finetuning_vs_paper"] = total / GB / paper - 1
+        rows.append(row)
+    return rows
 
 
 def paper_comparison_table(**settings) -> str:

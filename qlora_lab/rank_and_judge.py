@@ -9,7 +9,7 @@ judge-and-Elo evaluation (chapter 07), both on the course's own adapters.
    r=8 and at r=64 (the LoRA paper, Sec. 7, compares A at r=8 with A at r=64
    trained on the same task), and QLoRA at r=8;
 2. saves the q_proj and v_proj adapters of every layer of the two LoRA runs to
-   ``notebooks/results/rank_adapters.safetensors`` (what
+   ``qlora_lab/results/rank_adapters.safetensors`` (what
    :mod:`qlora_lab.subspace` analyses in chapter 04);
 3. generates greedy answers of the base model, QLoRA r=8 and 16-bit LoRA r=8 to
    held-out test conversations (scored tasks and open chat);
@@ -17,7 +17,7 @@ judge-and-Elo evaluation (chapter 07), both on the course's own adapters.
    orders (:mod:`qlora_lab.judge`), and on the scored questions also each
    player's answer against the gold answer (to measure the judge against
    exact match even when few players are right), and writes answers, verdicts
-   and run details to ``notebooks/results/judge.json`` (chapter 07 computes
+   and run details to ``qlora_lab/results/judge.json`` (chapter 07 computes
    the Elo table, the order bias and the agreement with exact match from it).
 
 The defaults are small (8 steps on sequences cut at 48 tokens, 18 questions)
@@ -38,10 +38,11 @@ from pathlib import Path
 import torch
 
 from qlora_lab import data as data_lib
+from qlora_lab import evaluate
+from qlora_lab.support.resources import RESULTS_DIR
 from qlora_lab import judge as judge_lib
 from qlora_lab.lora import lora_modules
 
-RESULTS_DIR = Path(__file__).resolve().parent.parent / "notebooks" / "results"
 RUNS = {"lora16-r8": ("lora16", 8), "lora16-r64": ("lora16", 64), "qlora-r8": ("qlora", 8)}
 PLAYERS = {"base": None, "QLoRA": "qlora-r8", "LoRA 16": "lora16-r8"}
 RANK_RUNS = ("lora16-r8", "lora16-r64")
@@ -52,7 +53,7 @@ def held_out_questions(records: list[dict], scored_per_task: int, chat: int) -> 
     """The test conversations the players answer: ``scored_per_task`` of each
     scored task (their exact-match truth is known) and the first ``chat`` open
     conversations, cut before their last assistant turn."""
-    out = list(data_lib.scored_records(records, per_task=scored_per_task))
+    out = list(evaluate.scored_records(records, per_task=scored_per_task))
     out += [r for r in records if r["task"] == data_lib.CHAT_TASK][:chat]
     return out
 
@@ -86,10 +87,10 @@ def run_stage(stage: str, out_dir: Path, questions: list[dict], settings: dict) 
     model, tokenizer = load_smollm2()
     if stage == "base":
         out = {"settings": settings,
-               "answers": data_lib.generate(model, tokenizer, conversations, max_new_tokens=settings["max_new_tokens"])}
+               "answers": evaluate.generate(model, tokenizer, conversations, max_new_tokens=settings["max_new_tokens"])}
     elif stage in RUNS:
         method, r = RUNS[stage]
-        config = preset("smollm2-cpu", method=method, lora_r=r, lora_alpha=2.0 * r, max_steps=settings["steps"],
+        config = preset("smollm2-cpu", method=method, r=r, lora_alpha=2.0 * r, max_steps=settings["steps"],
                         seed=settings["seed"], max_length=settings["max_length"], eval_every=settings["steps"],
                         eval_examples=16, save_every=settings["steps"])
         started = time.perf_counter()
@@ -101,7 +102,7 @@ def run_stage(stage: str, out_dir: Path, questions: list[dict], settings: dict) 
         if stage in RANK_RUNS:
             save_file(_adapter_tensors(result.model, stage), str(out_dir / f"{stage}.safetensors"))
         if stage in PLAYERS.values():
-            out["answers"] = data_lib.generate(result.model, tokenizer, conversations,
+            out["answers"] = evaluate.generate(result.model, tokenizer, conversations,
                                                max_new_tokens=settings["max_new_tokens"])
     else:
         raise ValueError(f"unknown stage {stage!r}; choose base, {', '.join(RUNS)} or all")

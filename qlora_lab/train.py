@@ -174,8 +174,7 @@ def _log_line(step: int, max_steps: int, loss: float, lr: float, tokens_per_seco
 def train(config: TrainConfig, out_dir: str | os.PathLike, *, resume: bool = False, model=None, tokenizer=None,
           splits: dict[str, list[dict]] | None = None, progress: str = "bar",
           on_evaluation: Callable[[dict], None] | None = None,
-          on_step: Callable[[dict], None] | None = None, fsdp: bool = False,
-          dist_backend: str = "auto") -> TrainResult:
+          on_step: Callable[[dict], None] | None = None) -> TrainResult:
     """Finetune with ``config``; write checkpoints and the final adapter under
     ``out_dir``. See the module docstring for the step.
 
@@ -186,17 +185,9 @@ def train(config: TrainConfig, out_dir: str | os.PathLike, *, resume: bool = Fal
     per evaluation) or ``"none"``. ``resume``: continue from the newest
     checkpoint in ``out_dir`` (an error if there is none). ``on_evaluation`` and
     ``on_step`` are called with each evaluation's and each step's record
-    (after the step's checkpoint, if any, is written). ``fsdp``: this process
-    is one of torchrun's; the loop runs sharded (:func:`qlora_lab.fsdp.train_fsdp`,
-    chapter 09) with the ``dist_backend`` process group.
+    (after the step's checkpoint, if any, is written). The same loop sharded
+    over several processes is :func:`qlora_lab.fsdp.train_fsdp` (chapter 09).
     """
-    if fsdp:
-        from qlora_lab.fsdp import train_fsdp
-
-        if model is not None or on_evaluation is not None or on_step is not None:
-            raise ValueError("fsdp=True builds its model on every rank and takes no model or callbacks")
-        return train_fsdp(config, out_dir, resume=resume, progress=progress, dist_backend=dist_backend,
-                          splits=splits)
     config.validate()
     if progress not in ("bar", "log", "none"):
         raise ValueError(f"progress must be 'bar', 'log' or 'none', got {progress!r}")

@@ -206,7 +206,7 @@ def test_qlora_33b_fits_a_24gb_consumer_gpu():
 def test_table6_memory_column_within_15_percent_like_with_like():
     """The column is the deployed model (see the module docstring): weights,
     adapters and the key/value cache of the full 2048-token context."""
-    rows = memory.paper_comparison()
+    rows = memory_report.paper_comparison()
     assert len(rows) == 6
     for row in rows:
         assert abs(row["deployment_vs_paper"]) < 0.15, row

@@ -12,8 +12,8 @@ from __future__ import annotations
 from importlib.resources import files
 from pathlib import Path
 
-__all__ = ["AFTER_FINETUNING_RESULTS", "COURSE_DATASET_DIR", "EVAL_TEXT_DIR", "EXPERIMENT_RESULTS", "RESULTS_DIR",
-           "TASK_ADAPTERS_DIR", "package_path"]
+__all__ = ["AFTER_FINETUNING_RESULTS", "COURSE_DATASET_DIR", "EVAL_TEXT_DIR", "EXPERIMENT_RESULTS", "JUDGE_RESULTS",
+           "RESULTS_DIR", "TASK_ADAPTERS_DIR", "package_path"]
 
 
 def package_path(*parts: str) -> Path:
@@ -43,3 +43,6 @@ AFTER_FINETUNING_RESULTS = RESULTS_DIR / "after_finetuning.json"
 
 #: Chapter 08's two task adapters (``date_iso``, ``time_24h``), in peft's format.
 TASK_ADAPTERS_DIR = RESULTS_DIR / "adapters"
+
+#: The results of ``make rank-and-judge``: chapter 07's judged pairs and Elo.
+JUDGE_RESULTS = RESULTS_DIR / "judge.json"
