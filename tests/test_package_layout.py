@@ -194,3 +194,16 @@ def test_every_speed_module_is_introduced_and_proven_equal():
         name = module_name(path)
         assert f":mod:`{name}`" in doc, f"{name} is not introduced in qlora_lab.fast's docstring"
         assert name in proven, f"{name} has no equality test in tests/test_fast.py"
+
+
+def test_contributing_names_every_module():
+    """CONTRIBUTING.md's tree lists every module, so a new one gets its line."""
+    text = (ROOT / "CONTRIBUTING.md").read_text()
+    tree = text[text.index("## The package, module by module"):text.index("**Where new code goes.**")]
+    missing = []
+    for path in sorted(PACKAGE.rglob("*.py")):
+        if path.parent.name == "exercises" or path.name == "__init__.py" or "datasets" in path.parts:
+            continue
+        if f" {path.name} " not in tree:
+            missing.append(str(path.relative_to(ROOT)))
+    assert not missing, f"CONTRIBUTING.md's tree does not name {missing}; add a line for each"
