@@ -104,7 +104,7 @@ after-finetuning: $(STAMP)
 # Two seminar topics on the course's own adapters (chapter 04 and chapter 07, section 10):
 # 16-bit LoRA at r=8 and r=64 and QLoRA at r=8 on SmolLM2 with the same data, seed and steps;
 # the base model and both r=8 adapters answer held-out conversations and SmolLM2 judges every
-# pair in both orders. Writes qlora_lab/results/judge.json and rank_adapters.safetensors.
+# pair in both orders. Writes qlora_lab/results/judge.json (committed) and rank_adapters.safetensors (not).
 RANK_JUDGE_ARGS ?=
 rank-and-judge: $(STAMP)
 	$(BIN)/python -m qlora_lab.rank_and_judge $(RANK_JUDGE_ARGS)

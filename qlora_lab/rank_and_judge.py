@@ -9,8 +9,9 @@ judge-and-Elo evaluation (chapter 07), both on the course's own adapters.
    r=8 and at r=64 (the LoRA paper, Sec. 7, compares A at r=8 with A at r=64
    trained on the same task), and QLoRA at r=8;
 2. saves the q_proj and v_proj adapters of every layer of the two LoRA runs to
-   ``qlora_lab/results/rank_adapters.safetensors`` (what
-   :mod:`qlora_lab.subspace` analyses in chapter 04);
+   ``qlora_lab/results/rank_adapters.safetensors`` for :mod:`qlora_lab.subspace`
+   (chapter 04 trains its own small adapters in the notebook instead, so this
+   file is not committed);
 3. generates greedy answers of the base model, QLoRA r=8 and 16-bit LoRA r=8 to
    held-out test conversations (scored tasks and open chat);
 4. has a judge model compare every pair of answers to each question, in both
