@@ -85,8 +85,14 @@ __all__ = ["SHARDED_BUFFERS", "check_world_size", "make_shardable", "parameter_b
            "train_fsdp", "valid_world_sizes"]
 
 #: The tensors of a :class:`LinearNF4` that FSDP shards: the packed weight and
-#: its per-block constants (float32, or uint8 codes with double quantization).
-SHARDED_BUFFERS = ("weight", "absmax")
+#: its per-block constants (float32 ``absmax``, or with double quantization the
+#: uint8 ``absmax_indices``).
+SHARDED_BUFFERS = ("weight", "absmax", "absmax_indices")
+
+
+def block_constants(layer: LinearNF4) -> torch.Tensor:
+    """A 4-bit layer's per-block constants, one entry per block of weights."""
+    return layer.absmax_indices if layer.double_quant else layer.absmax
 
 
 # --------------------------------------------------------------------------- #
@@ -110,7 +116,7 @@ def make_shardable(model: nn.Module) -> int:
 
 def valid_world_sizes(model: nn.Module, limit: int = 64) -> list[int]:
     """World sizes up to ``limit`` that split the blocks of every 4-bit weight evenly."""
-    blocks = [m.absmax.shape[0] for m in model.modules() if isinstance(m, LinearNF4)]
+    blocks = [block_constants(m).shape[0] for m in model.modules() if isinstance(m, LinearNF4)]
     common = math.gcd(*blocks) if blocks else 0
     return [n for n in range(1, limit + 1) if common % n == 0] if blocks else list(range(1, limit + 1))
 
@@ -122,10 +128,10 @@ def check_world_size(model: nn.Module, world_size: int, gradient_accumulation_st
     if not isinstance(world_size, int) or isinstance(world_size, bool) or world_size < 1:
         raise ValueError(f"the world size must be a positive integer, got {world_size!r}")
     for name, module in model.named_modules():
-        if isinstance(module, LinearNF4) and module.absmax.shape[0] % world_size:
+        if isinstance(module, LinearNF4) and block_constants(module).shape[0] % world_size:
             raise ValueError(
                 f"{world_size} processes cannot shard this model on block boundaries: {name} has "
-                f"{module.absmax.shape[0]} blocks of {module.blocksize} weights, not a multiple of {world_size}. "
+                f"{block_constants(module).shape[0]} blocks of {module.blocksize} weights, not a multiple of {world_size}. "
                 f"World sizes that work: {', '.join(map(str, valid_world_sizes(model)))}")
     if gradient_accumulation_steps % world_size:
         raise ValueError(
@@ -334,7 +340,7 @@ def _train_loop(config, out_dir: Path, resume: bool, progress: str, splits: dict
         if rank == 0 and progress != "none":
             print(text, flush=True)
 
-    def evaluate(step: int) -> None:
+    def run_evaluation(step: int) -> None:
         # Every rank runs the same evaluation (FSDP gathers each layer on all
         # ranks together), so every rank gets the same number.
         with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
@@ -347,7 +353,7 @@ def _train_loop(config, out_dir: Path, resume: bool, progress: str, splits: dict
     say(f"FSDP over {world} processes ({info['backend']}): {full_bytes / 1e6:.2f} MB of parameters and buffers, "
         f"{rank_bytes / 1e6:.2f} MB on rank 0")
     if state["step"] == 0:
-        evaluate(0)
+        run_evaluation(0)
     model.train()
     started = time.perf_counter()
     per_rank = config.gradient_accumulation_steps // world
@@ -383,7 +389,7 @@ def _train_loop(config, out_dir: Path, resume: bool, progress: str, splits: dict
         if step % config.eval_every == 0 or step == config.max_steps:
             say(f"step {step:>5}/{config.max_steps}  loss {step_loss:.4f}  lr {lr:.2e}  "
                 f"{tokens / seconds:,.0f} tokens/s")
-            evaluate(step)
+            run_evaluation(step)
         if step % config.save_every == 0 and step < config.max_steps:
             _save_checkpoint(out_dir, step, model, optimizer, scheduler, state, config)
 

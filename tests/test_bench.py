@@ -179,7 +179,7 @@ def test_run_all_writes_a_results_page(tiny_run):
     assert code == 0
     page = (out / "RESULTS.md").read_text()
     for text in ("# Benchmark results", "- Machine:", "- Versions:", "torch 2.13.0", "bitsandbytes 0.50.2",
-                 "## 1. 4-bit quantize", "ratio ours/bnb", "## 2. A QLoRA training step", "| qlora_lab (",
+                 "## 1. 4-bit quantize", "ratio fast", "## 2. A QLoRA training step", "| qlora_lab (",
                  "| transformers `BitsAndBytesConfig` + peft |", "| 16-bit LoRA", "**throughput",
                  "## 3. One QLoRA training step", "measured above the runtime / estimate",
                  "estimate for full 16-bit finetuning", "## 4. The same 7B step with 8-bit AdamW states",

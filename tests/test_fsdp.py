@@ -27,7 +27,7 @@ from qlora_lab.train import preset, train
 ROOT = Path(__file__).resolve().parents[1]
 REL_TOL = 1e-5
 SHORT = {"gradient_accumulation_steps": 2, "batch_size": 4, "max_length": 48, "eval_examples": 4,
-         "eval_batch_size": 4, "eval_every": 2, "save_every": 2, "lora_dropout": 0.0, "lora_r": 8,
+         "eval_batch_size": 4, "eval_every": 2, "save_every": 2, "lora_dropout": 0.0, "r": 8,
          "lora_alpha": 16.0}
 
 
@@ -105,7 +105,7 @@ def test_adapter_written_once_in_peft_format(tiny_runs):
                                                                      "adapter_model.safetensors"]
     assert not list(out.glob(".*")), "no staging directory may be left behind"
     config = json.loads((out / "adapter" / "adapter_config.json").read_text())
-    assert config["peft_type"] == "LORA" and config["r"] == SHORT["lora_r"]
+    assert config["peft_type"] == "LORA" and config["r"] == SHORT["r"]
     model = load_model("tiny-llama", with_tokenizer=False)
     quantize_model(model)
     load_adapter(model, out / "adapter")
@@ -148,7 +148,7 @@ def test_make_shardable_turns_packed_weights_into_frozen_parameters():
     layer = model.model.layers[0].self_attn.q_proj
     names = dict(layer.named_parameters())
     assert names["weight"].dtype == torch.uint8 and not names["weight"].requires_grad
-    assert names["absmax"].dtype == torch.uint8  # double-quantized constants
+    assert names["absmax_indices"].dtype == torch.uint8  # double-quantized constants
     assert "weight" not in dict(layer.named_buffers())
     torch.testing.assert_close(model(x).logits, before, rtol=0, atol=0)
 

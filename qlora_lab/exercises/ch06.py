@@ -113,7 +113,7 @@ def check_exercise_1(pages_to_evict) -> bool:
 _EXERCISE_2_SIZES = [1, 255, 4095, 4096, 4097, 5000, 12288, 36864, 98304, 100_003]
 
 
-def adamw8bit_state_bytes(numel: int) -> int:
+def measured_adamw8bit_state_bytes(numel: int) -> int:
     """What ``bitsandbytes.optim.AdamW8bit`` keeps for one parameter of
     ``numel`` values, measured: its tensors except the shared quantization maps."""
     import qlora_lab  # noqa: F401  (before bitsandbytes)
@@ -162,7 +162,7 @@ def check_exercise_2(adamw8bit_state_bytes) -> bool:
         if isinstance(got, bool) or not isinstance(got, int):
             print(f"Exercise 2: return an int number of bytes, got {type(got).__name__} {got!r}")
             return False
-        expected = adamw8bit_state_bytes(numel)
+        expected = measured_adamw8bit_state_bytes(numel)
         if got != expected:
             print(f"Exercise 2: a parameter of {numel:,} values: bitsandbytes keeps {expected:,} bytes, "
                   f"your function says {got:,}")
