@@ -38,17 +38,15 @@ that is gathered whole) and then to the whole model. The per-layer tables
 (the 16-entry code, the 256-entry double-quantization code, the mean offset
 and one float per 256 blocks) stay buffers: 4 bytes per 16,384 weights.
 
-:func:`train_fsdp` is :func:`qlora_lab.train.train`'s loop, sharded: it runs
-under ``torchrun --standalone --nproc_per_node N -m qlora_lab finetune
---fsdp ...`` (gloo on CPUs, nccl on GPUs). Step ``s`` consists of the same
-``gradient_accumulation_steps`` micro-batches as in one process; rank r takes
-every N-th of them, starting at r. Each micro-batch's loss is divided by the
-labelled tokens of the whole step and multiplied by N, which FSDP's
-reduce-scatter (a mean over the ranks) divides out again, so the summed gradient, the clipped norm and the update
-are those of the single-process run, up to the order of float additions.
-The adapter is gathered and written once, by rank 0, in peft's format;
-checkpoints hold the full (unsharded) optimizer state, so a run resumes with
-any world size that divides the batch.
+:func:`train_fsdp` is :func:`qlora_lab.train.train`'s loop, sharded: it runs under ``torchrun
+--standalone --nproc_per_node N -m qlora_lab finetune --fsdp ...`` (gloo on CPUs, nccl on GPUs).
+Step ``s`` consists of the same ``gradient_accumulation_steps`` micro-batches as in one process;
+rank r takes every N-th of them, starting at r. Each micro-batch's loss is divided by the
+labelled tokens of the whole step and multiplied by N, which FSDP's reduce-scatter (a mean over
+the ranks) divides out again, so the summed gradient, the clipped norm and the update are those
+of the single-process run, up to the order of float additions. The adapter is gathered and
+written once, by rank 0, in peft's format; checkpoints hold the full (unsharded) optimizer
+state, so a run resumes with any world size that divides the batch.
 """
 
 from __future__ import annotations
@@ -84,14 +82,12 @@ from qlora_lab.support import resume as resume_lib
 __all__ = ["SHARDED_BUFFERS", "check_world_size", "make_shardable", "parameter_bytes", "shard_model",
            "train_fsdp", "valid_world_sizes"]
 
-#: The tensors of a :class:`LinearNF4` that FSDP shards: the packed weight and
-#: its per-block constants (float32 ``absmax``, or with double quantization the
-#: uint8 ``absmax_indices``).
+#: What FSDP shards of a :class:`LinearNF4`: the packed weight and its block constants.
 SHARDED_BUFFERS = ("weight", "absmax", "absmax_indices")
 
 
 def block_constants(layer: LinearNF4) -> torch.Tensor:
-    """A 4-bit layer's per-block constants, one entry per block of weights."""
+    """One constant per block: float32 ``absmax``, or uint8 ``absmax_indices`` (double quantization)."""
     return layer.absmax_indices if layer.double_quant else layer.absmax
 
 
