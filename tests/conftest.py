@@ -8,6 +8,9 @@ import torch
 
 import qlora_lab  # noqa: F401  (quiets bitsandbytes' import-time warning)
 
+# the shared assertions in tests/exercise_feedback.py fail with pytest's detailed messages
+pytest.register_assert_rewrite("exercise_feedback")
+
 
 @pytest.fixture(scope="session")
 def smollm2():

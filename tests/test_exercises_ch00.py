@@ -2,6 +2,8 @@ import torch
 
 from qlora_lab.exercises import ch00
 
+from exercise_feedback import assert_bugs_are_feedback
+
 DEFAULT_SYSTEM = "You are a helpful AI assistant named SmolLM, trained by Hugging Face"
 
 
@@ -57,39 +59,10 @@ def test_exercise_2(tiny, capsys):
 # ------------------------------------------------------- a learner's bug is feedback
 
 
-def buggy(*args):
-    return [][len(args)]  # an IndexError in the learner's own code
-
-
-class Unusable:
-    """An answer that breaks whatever the checker tries with it."""
-
-    def __getattr__(self, name):
-        raise RuntimeError("unusable answer")
-
-    def __eq__(self, other):
-        raise RuntimeError("unusable answer")
-
-    __ne__ = __lt__ = __gt__ = __le__ = __ge__ = __eq__
-    __hash__ = None
-
-    def __float__(self):
-        raise RuntimeError("unusable answer")
-
-    __int__ = __index__ = __len__ = __iter__ = __bool__ = __float__
-
-
 def test_a_bug_in_the_learners_code_is_feedback_not_a_crash(smollm2, tiny, capsys):
     _, tokenizer = smollm2
     model = tiny
-    for number, check, extra in [
+    assert_bugs_are_feedback(capsys, [
         (1, ch00.check_exercise_1, (tokenizer,)),
         (2, ch00.check_exercise_2, (model,)),
-    ]:
-        assert check(buggy, *extra) is False
-        out = capsys.readouterr().out
-        assert f"Exercise {number}: your function raised IndexError" in out
-        assert "It happened at line" in out and "return [][len(args)]" in out
-        assert "call your function on a small example" in out
-        assert check(lambda *args: Unusable(), *extra) is False
-        assert f"Exercise {number}:" in capsys.readouterr().out
+    ])

@@ -6,6 +6,8 @@ import pytest
 from qlora_lab import data as data_lib
 from qlora_lab.exercises import ch07
 
+from exercise_feedback import assert_bugs_are_feedback
+
 
 def skeleton(*args):
     raise NotImplementedError("your turn")
@@ -108,38 +110,9 @@ def test_exercise_2_skeleton_is_not_attempted(smollm2, capsys):
 # ------------------------------------------------------- a learner's bug is feedback
 
 
-def buggy(*args):
-    return [][len(args)]  # an IndexError in the learner's own code
-
-
-class Unusable:
-    """An answer that breaks whatever the checker tries with it."""
-
-    def __getattr__(self, name):
-        raise RuntimeError("unusable answer")
-
-    def __eq__(self, other):
-        raise RuntimeError("unusable answer")
-
-    __ne__ = __lt__ = __gt__ = __le__ = __ge__ = __eq__
-    __hash__ = None
-
-    def __float__(self):
-        raise RuntimeError("unusable answer")
-
-    __int__ = __index__ = __len__ = __iter__ = __bool__ = __float__
-
-
 def test_a_bug_in_the_learners_code_is_feedback_not_a_crash(smollm2, capsys):
     _, tokenizer = smollm2
-    for number, check, extra in [
+    assert_bugs_are_feedback(capsys, [
         (1, ch07.check_exercise_1, ()),
         (2, ch07.check_exercise_2, (tokenizer,)),
-    ]:
-        assert check(buggy, *extra) is False
-        out = capsys.readouterr().out
-        assert f"Exercise {number}: your function raised IndexError" in out
-        assert "It happened at line" in out and "return [][len(args)]" in out
-        assert "call your function on a small example" in out
-        assert check(lambda *args: Unusable(), *extra) is False
-        assert f"Exercise {number}:" in capsys.readouterr().out
+    ])
