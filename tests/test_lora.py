@@ -124,6 +124,18 @@ def test_only_the_adapter_is_trainable_and_gets_gradients():
     assert layer.lora_A.grad is not None and layer.lora_B.grad is not None
 
 
+def test_a_wrapper_takes_the_training_mode_of_the_layer_it_wraps():
+    # An adapter loaded into a model in eval mode must not drop inputs: the
+    # wrapper is created in the mode of its base layer, so outputs are repeatable.
+    base = nn.Linear(16, 8).eval()
+    layer = LoRALinear(base, r=2, alpha=4, dropout=0.5)
+    nn.init.normal_(layer.lora_B)
+    assert not layer.training and not layer.lora_dropout.training
+    x = torch.randn(4, 16)
+    assert torch.equal(layer(x), layer(x))
+    assert LoRALinear(nn.Linear(16, 8), r=2, alpha=4, dropout=0.5).training
+
+
 @pytest.mark.parametrize(
     ("kwargs", "error", "match"),
     [

@@ -87,6 +87,9 @@ class LoRALinear(nn.Module):
         self.lora_dropout = nn.Dropout(p=dropout) if dropout > 0 else nn.Identity()
         self.merged = False
         self.reset_lora_parameters()
+        # A wrapper put into a model in eval mode must not start dropping
+        # inputs: it takes the training mode of the layer it wraps.
+        self.train(base.training)
 
     def reset_lora_parameters(self) -> None:
         """A like ``nn.Linear``'s weight (Kaiming-uniform, ``a = sqrt(5)``,

@@ -64,10 +64,12 @@ def write_tiny_chat_model(directory: str | os.PathLike, seed: int = 0) -> Path:
 
 def write_tiny_adapter(model_dir: str | os.PathLike, out: str | os.PathLike, seed: int = 1, r: int = 4,
                        alpha: float = 8.0, target_modules=("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj",
-                                                           "up_proj", "down_proj")) -> Path:
+                                                           "up_proj", "down_proj"), dropout: float = 0.05) -> Path:
     """A LoRA adapter for the model in ``model_dir`` with random ``A`` *and*
     ``B`` (a trained adapter's ``B`` is not zero; scaled so that it changes the
-    logits clearly), saved in peft's format naming ``model_dir`` as its base."""
+    logits clearly), saved in peft's format naming ``model_dir`` as its base.
+    Its config carries ``dropout`` (0.05 like the course's trained adapters),
+    which a loaded adapter must ignore in eval mode."""
     import torch
 
     from qlora_lab.lora import add_lora, lora_modules, save_adapter
@@ -76,7 +78,7 @@ def write_tiny_adapter(model_dir: str | os.PathLike, out: str | os.PathLike, see
     model = load_model(str(model_dir), with_tokenizer=False)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        add_lora(model, r=r, alpha=alpha, target_modules=list(target_modules))
+        add_lora(model, r=r, alpha=alpha, dropout=dropout, target_modules=list(target_modules))
         with torch.no_grad():
             for layer in lora_modules(model).values():
                 layer.lora_A.normal_(0.0, 0.1)
