@@ -64,9 +64,21 @@ lab: $(STAMP)
 	$(BIN)/python -m qlora_lab.env_check || true
 	$(BIN)/jupyter lab --notebook-dir=notebooks $(ROOT_FLAG) $(LAB_ARGS)
 
+# make test runs in TEST_WORKERS processes (pytest-xdist), each given whole files
+# (a notebook's cells share one kernel) and one thread: on two cores, two
+# one-thread processes keep both cores busy where one two-thread process leaves
+# one idle in every serial stretch (imports, kernel starts, small operations),
+# and the results are the same bit for bit (SmolLM2's forward and backward give
+# identical numbers with one thread and with two). Files are handed out in the
+# order given: the finale first, as it is the longest, then the other notebooks,
+# then the unit tests, which fill the gaps. TEST_WORKERS=0 runs everything in
+# this one process, the way a single file is debugged.
+TEST_WORKERS ?= 2
+FIRST_NOTEBOOK := notebooks/07_finetune_7b.ipynb
 test: $(STAMP)
-	$(BIN)/python -m pytest tests notebooks --nbval --nbval-current-env \
+	$(if $(filter 0,$(TEST_WORKERS)),,OMP_NUM_THREADS=1) $(BIN)/python -m pytest $(FIRST_NOTEBOOK) notebooks tests --nbval --nbval-current-env \
 		--nbval-sanitize-with nbval_sanitize.cfg --nbval-cell-timeout 600 \
+		$(if $(filter 0,$(TEST_WORKERS)),,-n $(TEST_WORKERS) --dist loadfile) \
 		--durations 20 $(PYTEST_ARGS)
 
 unit: $(STAMP)

@@ -73,7 +73,8 @@ def dequantize_model(model: nn.Module, dtype: torch.dtype = torch.float32) -> in
     for name in names:
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
-        setattr(parent, child, dequantized_linear(getattr(parent, child), dtype))
+        old = getattr(parent, child)
+        setattr(parent, child, dequantized_linear(old, dtype).train(old.training))
     return len(names)
 
 
@@ -161,7 +162,7 @@ def merge_into_4bit(model: nn.Module) -> RequantizeReport:
             same += int((((new.weight >> shift) & mask) == ((base.weight >> shift) & mask)).sum())
         total += 2 * base.weight.numel()
         parent_name, _, child = name.rpartition(".")
-        setattr(model.get_submodule(parent_name) if parent_name else model, child, new)
+        setattr(model.get_submodule(parent_name) if parent_name else model, child, new.train(layer.training))
     return RequantizeReport(len(adapters), update2 ** 0.5, kept2 ** 0.5, error2 ** 0.5, same / total)
 
 

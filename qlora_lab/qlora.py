@@ -288,7 +288,8 @@ def quantize_model(model: nn.Module, quant_type: str = "nf4", double_quant: bool
         linear = getattr(parent, child)
         weights += linear.weight.numel()
         source = linear.to(device) if device is not None else linear
-        setattr(parent, child, LinearNF4.from_linear(source, quant_type, double_quant, blocksize, compute_dtype))
+        quantized = LinearNF4.from_linear(source, quant_type, double_quant, blocksize, compute_dtype)
+        setattr(parent, child, quantized.train(linear.training))  # a new module keeps the old one's mode
         source.weight = None
         # Drop the full-precision weight now, not when the loop ends.
         linear.weight = None

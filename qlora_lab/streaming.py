@@ -233,7 +233,7 @@ def load_quantized(path: str | Path, *, dtype: torch.dtype = torch.float32, comp
             parent_name, _, child = module_name.rpartition(".")
             parent = model.get_submodule(parent_name) if parent_name else model
             setattr(parent, child, LinearNF4(module.in_features, module.out_features, packed, state, module.bias,
-                                             compute_dtype))
+                                             compute_dtype).train(module.training))
             report.quantized_layers += 1
             report.quantized_weights += tensor.numel()
         else:

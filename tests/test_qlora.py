@@ -228,6 +228,16 @@ def test_quantize_model_replaces_linear_layers_but_the_head(tiny):
         assert torch.equal(tiny(ids).logits, reference(ids).logits)
 
 
+def test_quantized_layers_keep_the_models_mode(tiny):
+    # New modules start in training mode; a quantized eval model must stay in eval,
+    # or an adapter wrapped around its layers later would apply dropout.
+    training = copy.deepcopy(tiny).train()
+    quantize_model(tiny.eval())
+    assert not any(m.training for m in tiny.modules())
+    quantize_model(training)
+    assert all(m.training for m in training.modules())
+
+
 def test_quantize_model_errors(tiny):
     with pytest.raises(TypeError, match="needs a torch model"):
         quantize_model("model")
