@@ -9,28 +9,28 @@ worth optimising on a 2-core CPU, and by how much.
 - :mod:`qlora_lab.fast.nf4`: ``quantize_4bit`` and ``dequantize_4bit`` of
   :mod:`qlora_lab.nf4`, the same bits from the pieces below; the training path
   (``qlora.LinearNF4``, ``qlora.quantize_model``) runs it eagerly, and so does
-  chapter 02's fake quantization of whole models (``qlora_lab.fake_quant``). Measured with
-  ``bench/quantize.py --threads 1`` on a 4096 x 4096 float32 matrix, on the
-  course's 2-core machine under a load average of about 21 (six other agents
-  busy; ratios, not milliseconds, are what carry over): quantize 965 ms against
-  the readable definition's 3,619 ms and bitsandbytes' 2,713 ms (2.8x
-  bitsandbytes); dequantize 108 ms against 1,136 ms readable and 187 ms
-  bitsandbytes (1.7x). The readable definition under
-  ``torch.compile(fullgraph=True)`` came to 2,342 ms and 353 ms in the same
+  chapter 02's fake quantization of whole models (``qlora_lab.fake_quant``).
+  ``make bench`` on the course's idle 2-core machine (2026-11-30, 2 threads,
+  4096 x 4096 float32, ``bench/RESULTS.md``): quantize 123.7 ms against the
+  readable definition's 390.3 ms and bitsandbytes' 293.9 ms (2.38x
+  bitsandbytes); dequantize 21.0 ms against 131.7 ms readable and 23.8 ms
+  bitsandbytes (1.13x). The readable definition under
+  ``torch.compile(fullgraph=True)`` came to 244.5 ms and 39.0 ms in the same
   run, so the hand-written path stays on the training path; under
   ``torch.compile`` ``qlora.DequantizeLinear`` traces the readable one.
 - :mod:`qlora_lab.fast.nearest`: the nearest code by a 65,536-cell table
   (upper 16 bits of the float32) and one comparison, instead of
   ``torch.bucketize``'s binary search per value on one core. Reference:
   ``blockwise.nearest_code``. Measured 4.4x faster on 16.8 M values (636 ms
-  against 2,817 ms, one thread, same load).
+  against 2,817 ms, one thread, under a load average of about 21).
 - :mod:`qlora_lab.fast.decode`: one gather in a 256-entry byte-pair table
   decodes both nibbles of a byte, outputs in 2 MiB pages (numpy's
   ``MADV_HUGEPAGE``), large tensors split between Python threads. Reference:
   ``nf4.dequantize_4bit``. Measured 8.4x faster (131 ms against 1,097 ms, one
-  thread, same load); the threads only pay on an idle machine: with two
-  threads under the same load the decode fell to 0.42x bitsandbytes, so busy
-  machines should run with ``torch.set_num_threads(1)``.
+  thread, same load); the threads only pay on an idle
+  machine: with two threads under that load the decode fell to 0.42x
+  bitsandbytes (1.13x on the idle machine), so busy machines should run with
+  ``torch.set_num_threads(1)``.
 - ``fast.nf4.absmax_4bit`` / ``scale_4bit``: absmax by two reductions and
   scaling into one preallocated float32 output, instead of the readable padded
   copies of ``blockwise``. Measured 3.3x faster together (240 ms against 802
