@@ -241,7 +241,7 @@ class AdapterSet:
                 _set_module(self.model, module_name, layer.base)
         if name is not None:
             for module_name, layer in self.adapters[name].items():
-                # kept outside the model, the wrappers missed any model.train()/eval() since
+                # wrappers kept outside the model missed any model.train()/eval(): take its mode
                 layer.train(self.model.training)
                 _set_module(self.model, module_name, layer)
         self.active = name
