@@ -71,6 +71,8 @@ class DoRALinear(LoRALinear):
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         base = self.base(x, *args, **kwargs)
+        if self.merged:
+            return base
         dtype = base.dtype
         x = x.to(self.lora_A.dtype)
         update = F.linear(F.linear(self.lora_dropout(x), self.lora_A), self.lora_B) * self.scaling
@@ -78,7 +80,39 @@ class DoRALinear(LoRALinear):
         return (scale * (base.to(update.dtype) + update)).to(dtype)
 
     def merge(self) -> None:
-        raise NotImplementedError("merging DoRA is not part of this appendix; use peft's merge_and_unload")
+        """Fold the adapter into a dense base weight, as peft does:
+        ``W0 <- (m / ||W0 + s B A||) * (W0 + s B A)``, row by row; afterwards
+        the forward pass is just ``base(x)``. A 4-bit base must be dequantized
+        first (:func:`qlora_lab.export.dequantize_model`): the merged weight
+        is not ``W0`` plus something, so it cannot be added to the packed codes."""
+        if self.merged:
+            raise RuntimeError("This DoRA adapter is already merged; call unmerge() before merging again.")
+        weight = self._dense_base_weight()
+        with torch.no_grad():
+            self.merge_factor = (self.magnitude / self.weight_norm()).detach()
+            merged = (weight.to(self.lora_A.dtype) + self.delta_weight()) * self.merge_factor[:, None]
+            weight.data = merged.to(weight.dtype)
+        self.merged = True
+
+    def unmerge(self) -> None:
+        """``W0 <- W / factor - s B A`` with the factor kept by :meth:`merge`
+        (restores ``W0`` up to rounding, not bit for bit)."""
+        if not self.merged:
+            raise RuntimeError("This DoRA adapter is not merged, so there is nothing to unmerge.")
+        weight = self._dense_base_weight()
+        with torch.no_grad():
+            restored = weight.to(self.lora_A.dtype) / self.merge_factor[:, None] - self.delta_weight()
+            weight.data = restored.to(weight.dtype)
+        del self.merge_factor
+        self.merged = False
+
+    def _dense_base_weight(self) -> nn.Parameter:
+        weight = getattr(self.base, "weight", None)
+        if not (isinstance(weight, nn.Parameter) and weight.dtype.is_floating_point):
+            raise TypeError(f"Merging DoRA needs a base layer with a dense floating-point weight, and this "
+                            f"{type(self.base).__name__} has none; dequantize a 4-bit base first "
+                            f"(qlora_lab.export.dequantize_model).")
+        return weight
 
 
 def add_dora(model: nn.Module, r: int = 8, alpha: float = 16, dropout: float = 0.0,

@@ -42,6 +42,40 @@ def test_dora_layer_equals_peft_use_dora():
     torch.testing.assert_close(ours.lora_A.grad, layer.lora_A.default.weight.grad, rtol=1e-4, atol=1e-5)
 
 
+def test_dora_merge_equals_peft_merge_and_unload_and_unmerge_restores():
+    from peft import LoraConfig, get_peft_model
+
+    torch.manual_seed(0)
+    model = _One()
+    original = model.proj.weight.detach().clone()
+    ours = DoRALinear(copy.deepcopy(model.proj), r=4, alpha=8)
+    peft_model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=["proj"], use_dora=True))
+    layer = peft_model.base_model.model.proj
+    with torch.no_grad():
+        layer.lora_B.default.weight.normal_()
+        layer.lora_magnitude_vector.default.weight.mul_(1.5)
+        ours.lora_A.copy_(layer.lora_A.default.weight)
+        ours.lora_B.copy_(layer.lora_B.default.weight)
+        ours.magnitude.copy_(layer.lora_magnitude_vector.default.weight)
+    x = torch.randn(5, 64)
+    with torch.no_grad():
+        before = ours(x)
+        ours.merge()
+        torch.testing.assert_close(ours(x), before, rtol=1e-5, atol=1e-5)
+        merged = peft_model.merge_and_unload().proj.weight
+        torch.testing.assert_close(ours.base.weight, merged, rtol=1e-5, atol=1e-6)
+        with pytest.raises(RuntimeError, match="already merged"):
+            ours.merge()
+        ours.unmerge()
+        torch.testing.assert_close(ours.base.weight, original, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(ours(x), before, rtol=1e-5, atol=1e-5)
+        with pytest.raises(RuntimeError, match="not merged"):
+            ours.unmerge()
+    quantized = DoRALinear(LinearNF4.from_linear(nn.Linear(64, 32, bias=False)), r=4, alpha=8)
+    with pytest.raises(TypeError, match="dequantize a 4-bit base first"):
+        quantized.merge()
+
+
 def test_qdora_on_the_4bit_layer_starts_as_the_base_and_trains():
     model = tiny_llama()
     quantize_model(model)
