@@ -35,6 +35,7 @@ from torch import nn
 from qlora_lab.lora import LoRALinear
 from qlora_lab.nf4 import QuantState, dequantize_4bit, quantize_4bit
 from qlora_lab.qlora import LinearNF4
+from qlora_lab.support.modules import replace_module
 
 __all__ = ["DoRALinear", "add_dora", "dense_weight", "initialisation_error", "loftq_init", "short_training"]
 
@@ -128,9 +129,7 @@ def add_dora(model: nn.Module, r: int = 8, alpha: float = 16, dropout: float = 0
     if not names:
         raise ValueError(f"no linear layer of the model is named like {target_modules}")
     for name in names:
-        parent_name, _, child = name.rpartition(".")
-        parent = model.get_submodule(parent_name) if parent_name else model
-        setattr(parent, child, DoRALinear(getattr(parent, child), r=r, alpha=alpha, dropout=dropout))
+        replace_module(model, name, DoRALinear(model.get_submodule(name), r=r, alpha=alpha, dropout=dropout))
     return len(names)
 
 

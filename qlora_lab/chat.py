@@ -38,6 +38,7 @@ from torch import nn
 
 from qlora_lab import data as data_lib
 from qlora_lab.lora import CONFIG_NAME, LoRALinear, load_adapter, lora_modules
+from qlora_lab.support.modules import replace_module
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "tokenizer_config.json")
 
@@ -194,11 +195,6 @@ def chat_loop(model, tokenizer, read: Callable[[str], str] = input, out: TextIO 
 # --------------------------------------------------------------------------- #
 # Several adapters on one base
 # --------------------------------------------------------------------------- #
-def _set_module(model: nn.Module, name: str, module: nn.Module) -> None:
-    parent_name, _, child = name.rpartition(".")
-    setattr(model.get_submodule(parent_name) if parent_name else model, child, module)
-
-
 class AdapterSet:
     """Several LoRA adapters on one base model, switched at run time.
 
@@ -229,7 +225,7 @@ class AdapterSet:
         layers = lora_modules(self.model)
         self.adapters[name] = layers
         for module_name, layer in layers.items():
-            _set_module(self.model, module_name, layer.base)
+            replace_module(self.model, module_name, layer.base)
         self.use(active)
 
     def use(self, name: str | None) -> nn.Module:
@@ -238,12 +234,11 @@ class AdapterSet:
             raise ValueError(f"no adapter named {name!r}; loaded: {sorted(self.adapters)}")
         if self.active is not None:
             for module_name, layer in self.adapters[self.active].items():
-                _set_module(self.model, module_name, layer.base)
+                replace_module(self.model, module_name, layer.base)
         if name is not None:
             for module_name, layer in self.adapters[name].items():
-                # wrappers kept outside the model missed any model.train()/eval(): take its mode
                 layer.train(self.model.training)
-                _set_module(self.model, module_name, layer)
+                replace_module(self.model, module_name, layer)
         self.active = name
         return self.model
 

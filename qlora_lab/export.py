@@ -45,6 +45,7 @@ from qlora_lab.chat import adapter_config, base_model_name, check_tokenizer_file
 from qlora_lab.lora import load_adapter, lora_modules, merge_lora
 from qlora_lab.qlora import LinearNF4, quantize_model
 from qlora_lab.support.atomic import atomic_directory
+from qlora_lab.support.modules import replace_module
 
 FORMATS = ("hf", "gguf")
 GGUF_TYPES = ("f16", "q8_0")
@@ -71,10 +72,7 @@ def dequantize_model(model: nn.Module, dtype: torch.dtype = torch.float32) -> in
     adapter) by its dequantized ``nn.Linear``, in place; returns how many."""
     names = [name for name, m in model.named_modules() if isinstance(m, LinearNF4)]
     for name in names:
-        parent_name, _, child = name.rpartition(".")
-        parent = model.get_submodule(parent_name) if parent_name else model
-        old = getattr(parent, child)
-        setattr(parent, child, dequantized_linear(old, dtype).train(old.training))
+        replace_module(model, name, dequantized_linear(model.get_submodule(name), dtype))
     return len(names)
 
 
@@ -161,8 +159,7 @@ def merge_into_4bit(model: nn.Module) -> RequantizeReport:
         for shift, mask in ((4, 0x0F), (0, 0x0F)):  # the high and the low nibble of every byte
             same += int((((new.weight >> shift) & mask) == ((base.weight >> shift) & mask)).sum())
         total += 2 * base.weight.numel()
-        parent_name, _, child = name.rpartition(".")
-        setattr(model.get_submodule(parent_name) if parent_name else model, child, new.train(layer.training))
+        replace_module(model, name, new)
     return RequantizeReport(len(adapters), update2 ** 0.5, kept2 ** 0.5, error2 ** 0.5, same / total)
 
 

@@ -39,6 +39,7 @@ from torch import nn
 from qlora_lab import nf4
 from qlora_lab.blockwise import NestedState, QuantState
 from qlora_lab.fast import nf4 as fast_nf4
+from qlora_lab.support.modules import replace_module
 
 __all__ = [
     "DequantizeLinear",
@@ -283,13 +284,10 @@ def quantize_model(model: nn.Module, quant_type: str = "nf4", double_quant: bool
     before = memory_footprint(model)
     weights = 0
     for name in names:
-        parent_name, _, child = name.rpartition(".")
-        parent = model.get_submodule(parent_name) if parent_name else model
-        linear = getattr(parent, child)
+        linear = model.get_submodule(name)
         weights += linear.weight.numel()
         source = linear.to(device) if device is not None else linear
-        quantized = LinearNF4.from_linear(source, quant_type, double_quant, blocksize, compute_dtype)
-        setattr(parent, child, quantized.train(linear.training))  # a new module keeps the old one's mode
+        replace_module(model, name, LinearNF4.from_linear(source, quant_type, double_quant, blocksize, compute_dtype))
         source.weight = None
         # Drop the full-precision weight now, not when the loop ends.
         linear.weight = None

@@ -207,6 +207,7 @@ def load_quantized(path: str | Path, *, dtype: torch.dtype = torch.float32, comp
     from transformers import AutoConfig
 
     from qlora_lab.support.loading import quiet_loading
+    from qlora_lab.support.modules import replace_module
 
     with quiet_loading():
         model = meta_model(AutoConfig.from_pretrained(directory), dtype)
@@ -230,10 +231,8 @@ def load_quantized(path: str | Path, *, dtype: torch.dtype = torch.float32, comp
             weight = tensor.to(device).to(dtype)
             packed, state = quantize_4bit(weight, blocksize=blocksize, quant_type=quant_type, double_quant=double_quant)
             del weight
-            parent_name, _, child = module_name.rpartition(".")
-            parent = model.get_submodule(parent_name) if parent_name else model
-            setattr(parent, child, LinearNF4(module.in_features, module.out_features, packed, state, module.bias,
-                                             compute_dtype).train(module.training))
+            replace_module(model, module_name, LinearNF4(module.in_features, module.out_features, packed, state,
+                                                         module.bias, compute_dtype))
             report.quantized_layers += 1
             report.quantized_weights += tensor.numel()
         else:
