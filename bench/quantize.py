@@ -14,11 +14,15 @@ Four implementations get the same input:
 
 Before timing, the script checks that all of them produce the same bytes,
 absmax and dequantized values (so the race is between equal results). Each
-operation runs once to warm up, then ``--runs`` times, the implementations
-alternating so that all see the same machine load; the median is reported.
-A ratio is bitsandbytes' time over the implementation's: above 1 means it is
-faster than bitsandbytes. Timings depend on the machine and on whatever else
-runs on it: the load average is printed with the results.
+operation runs once to warm up, then ``--runs`` rounds in which each
+implementation runs once, one after the other, so that all see the same
+machine load; the median time is reported. A ratio is bitsandbytes' time over
+the implementation's in the same round, the median over the rounds (above 1:
+faster than bitsandbytes): a burst of load that slows one round down slows both
+sides of its ratio, and a rare slow call (the operating system mapping fresh
+memory late, a neighbour on a shared machine) moves the median by one rank at
+most. Timings depend on the machine and on whatever else runs on it: the load
+average is printed with the results.
 """
 
 from __future__ import annotations
@@ -45,8 +49,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--size", type=positive_int, default=4096,
                         help="the matrix is SIZE x SIZE (default 4096)")
-    parser.add_argument("--runs", type=positive_int, default=9,
-                        help="timed runs per operation and library; the median is reported (default 9)")
+    parser.add_argument("--runs", type=positive_int, default=21,
+                        help="timed rounds (each implementation once per round); medians are reported (default 21)")
     parser.add_argument("--blocksize", type=int, default=64, choices=nf4.BLOCKSIZES,
                         help="block size (default 64)")
     parser.add_argument("--quant-type", default="nf4", choices=("nf4", "fp4"),
@@ -61,9 +65,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def median_seconds(functions: dict[str, callable], runs: int) -> dict[str, float]:
-    """Median wall time of each function, runs interleaved so that a burst of
-    load on the machine hits all of them alike."""
+def round_seconds(functions: dict[str, callable], runs: int) -> dict[str, list[float]]:
+    """Wall time of each function in each of ``runs`` rounds; within a round
+    the functions run one after the other, so that a burst of load on the
+    machine hits all of them alike."""
     for fn in functions.values():
         fn()  # warm-up: allocator, caches, lazy initialisation
     times: dict[str, list[float]] = {name: [] for name in functions}
@@ -72,7 +77,13 @@ def median_seconds(functions: dict[str, callable], runs: int) -> dict[str, float
             start = time.perf_counter()
             fn()
             times[name].append(time.perf_counter() - start)
-    return {name: statistics.median(values) for name, values in times.items()}
+    return times
+
+
+def ratio_to_bnb(times: dict[str, list[float]], name: str) -> float:
+    """bitsandbytes' time over ``name``'s in the same round, the median over
+    the rounds (above 1: ``name`` is faster)."""
+    return statistics.median(theirs / ours for ours, theirs in zip(times[name], times["bnb"], strict=True))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -111,21 +122,22 @@ def main(argv: list[str] | None = None) -> int:
             print(f"error: {name} and qlora_lab.nf4 dequantized differently; not timing", file=sys.stderr)
             return 1
 
-    quantize = median_seconds(quantizers, args.runs)
-    dequantize = median_seconds(dequantizers, args.runs)
+    quantize = round_seconds(quantizers, args.runs)
+    dequantize = round_seconds(dequantizers, args.runs)
 
     n = x.numel()
     load = ", ".join(f"{v:.2f}" for v in os.getloadavg())
     print(f"{args.size} x {args.size} {args.dtype}, {args.quant_type}, blocks of {args.blocksize}, "
-          f"median of {args.runs} runs, {torch.get_num_threads()} threads, load average {load}")
+          f"median of {args.runs} rounds, {torch.get_num_threads()} threads, load average {load}")
     names = [name for name in quantizers if name != "bnb"]
     print(f"{'operation':<12}" + "".join(f"{name + ' ms':>14}" for name in [*names, "bnb"])
           + "".join(f"{'ratio ' + name:>16}" for name in names))
     for operation, times in (("quantize", quantize), ("dequantize", dequantize)):
-        print(f"{operation:<12}" + "".join(f"{times[name] * 1e3:>14.1f}" for name in [*names, "bnb"])
-              + "".join(f"{times['bnb'] / times[name]:>16.2f}" for name in names))
-    print(f"{n / 1e6:.1f} M values; ratio = bitsandbytes' time / the implementation's "
-          f"(above 1: faster than bitsandbytes). The training path runs 'fast'.")
+        print(f"{operation:<12}" + "".join(f"{statistics.median(times[name]) * 1e3:>14.1f}"
+                                           for name in [*names, "bnb"])
+              + "".join(f"{ratio_to_bnb(times, name):>16.2f}" for name in names))
+    print(f"{n / 1e6:.1f} M values; ms: median; ratio: bitsandbytes' time / the implementation's in the same "
+          f"round, median over the rounds (above 1: faster than bitsandbytes). The training path runs 'fast'.")
     return 0
 
 

@@ -48,7 +48,13 @@ The ratios printed at the end are ours over bitsandbytes': throughput (above
 target <= 1.0). Timings depend on everything else that runs on the machine:
 the load average is printed with them, and ``--threads`` pins torch's thread
 count (with more busy threads than cores, OpenMP's spinning threads can slow
-a step down many times).
+a step down many times). Fresh processes run minutes apart, so a change in the
+load between them moves their throughput ratio: on the course's "idle" 2-core
+VM three such runs gave 0.973, 1.027 and 1.193 (the last of one step). ``--interleave`` takes the
+variants' steps in turn in one process (memory figures are then not
+separable) and reports the median of the per-step ratios, which such a change
+hits on both sides alike; ``make bench`` takes the throughput ratio from there
+and the memory from the fresh processes.
 
 ``--profile torch`` (or ``cprofile``) runs one more step per variant under
 ``torch.profiler`` (or Python's ``cProfile``) after the measurement and prints
@@ -383,15 +389,25 @@ def check_memory(args: argparse.Namespace) -> str | None:
     return None
 
 
-def ratios(results: dict[str, dict]) -> dict[str, float | None] | None:
+def ratios(results: dict[str, dict], interleaved: bool = False) -> dict | None:
     """Ours over bitsandbytes': throughput (>1: faster) and peak memory (<1: smaller;
-    None when measured with --interleave)."""
+    None when measured with --interleave).
+
+    In fresh processes the throughput ratio is that of the two medians. With
+    ``interleaved`` the steps were taken in turn, so step i of one variant and
+    step i of the other ran seconds apart under the same load: the ratio is the
+    median of the per-pair ratios (``pairs``), which a change in the machine's
+    load between the two variants cannot shift."""
     if "qlora_lab" not in results or "bitsandbytes" not in results:
         return None
     ours, theirs = results["qlora_lab"], results["bitsandbytes"]
     peak = ours["peak_bytes"] / theirs["peak_bytes"] if "peak_bytes" in ours else None
-    return {"throughput": ours["tokens_per_second"] / theirs["tokens_per_second"], "peak_memory": peak,
-            "weights": ours["weights_bytes"] / theirs["weights_bytes"]}
+    summary = {"throughput": ours["tokens_per_second"] / theirs["tokens_per_second"], "peak_memory": peak,
+               "weights": ours["weights_bytes"] / theirs["weights_bytes"], "pairs": None}
+    if interleaved:
+        summary["pairs"] = [t / o for o, t in zip(ours["step_seconds"], theirs["step_seconds"], strict=True)]
+        summary["throughput"] = statistics.median(summary["pairs"])
+    return summary
 
 
 def _mb(r: dict, key: str) -> str:
@@ -462,10 +478,12 @@ def main(argv: list[str] | None = None) -> int:
     if quantize is not None:
         print(f"qlora_lab build = load {results['qlora_lab']['load_seconds']:.1f} s + quantize_model "
               f"{quantize:.1f} s; bitsandbytes quantizes while loading")
-    summary = ratios(results)
+    summary = ratios(results, interleaved=args.interleave)
     if summary:
         peak = "-" if summary["peak_memory"] is None else f"{summary['peak_memory']:.3f}"
-        print(f"ours / bitsandbytes: throughput {summary['throughput']:.3f} (target >= 1.0), "
+        how = "" if summary["pairs"] is None else (
+            " (median of the per-step ratios " + ", ".join(f"{r:.3f}" for r in summary["pairs"]) + ")")
+        print(f"ours / bitsandbytes: throughput {summary['throughput']:.3f}{how} (target >= 1.0), "
               f"peak memory {peak} (target <= 1.0), weights {summary['weights']:.3f}")
     _shared.write_json(args.json, {"benchmark": "train_step", "machine": _shared.machine(),
                                    "settings": {k: v for k, v in vars(args).items() if k != "json"},

@@ -8,6 +8,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import math
+import statistics
 import sys
 from pathlib import Path
 
@@ -41,6 +42,11 @@ def _load(name: str):
 @pytest.fixture(scope="module")
 def train_step():
     return _load("train_step")
+
+
+@pytest.fixture(scope="module")
+def quantize_bench():
+    return _load("quantize")
 
 
 @pytest.fixture(scope="module")
@@ -208,7 +214,49 @@ def test_train_step_measures_all_three_variants(tiny_run):
     # The tensors held: the same packed weights and constants, give or take
     # the code tables that bitsandbytes shares between layers.
     assert ours["weights_bytes"] == pytest.approx(theirs["weights_bytes"], rel=0.02)
-    assert set(data["ratios"]) == {"throughput", "peak_memory", "weights"}
+    assert set(data["ratios"]) == {"throughput", "peak_memory", "weights", "pairs"}
+    assert data["ratios"]["pairs"] is None
+
+
+def test_run_all_takes_the_throughput_ratio_from_steps_taken_in_turn(tiny_run):
+    _, out = tiny_run
+    data = json.loads((out / "train_step_turns.json").read_text())
+    assert data["settings"]["interleave"] and list(data["results"]) == ["qlora_lab", "bitsandbytes"]
+    ours, theirs = data["results"]["qlora_lab"], data["results"]["bitsandbytes"]
+    assert "peak_bytes" not in ours and data["ratios"]["peak_memory"] is None
+    assert data["ratios"]["pairs"] == [theirs["step_seconds"][0] / ours["step_seconds"][0]]
+    page = (out / "RESULTS.md").read_text()
+    assert "**Steps taken in turn**" in page
+    assert f"**throughput {data['ratios']['throughput']:.3f}** (median" in page
+
+
+def test_quantize_ratio_is_the_median_of_the_ratios_within_a_round(quantize_bench):
+    # The machine's load tripled in round 3, between our call and
+    # bitsandbytes': the per-round ratios set that round aside, the ratio of
+    # the two medians takes our quiet rounds against their loaded ones.
+    times = {"fast": [1.0, 1.0, 1.0, 3.0, 3.0], "bnb": [1.5, 1.5, 4.5, 4.5, 4.5]}
+    assert quantize_bench.ratio_to_bnb(times, "fast") == pytest.approx(1.5)
+    assert statistics.median(times["bnb"]) / statistics.median(times["fast"]) == pytest.approx(4.5)
+    calls = []
+    timed = quantize_bench.round_seconds({"a": lambda: calls.append("a"), "b": lambda: calls.append("b")}, 3)
+    assert calls == ["a", "b"] * 4 and [len(v) for v in timed.values()] == [3, 3]  # warm-up, then rounds
+
+
+def test_interleaved_throughput_is_the_median_of_the_per_step_ratios(train_step):
+    def run(steps):
+        return {"step_seconds": steps, "tokens_per_second": 1 / statistics.median(steps), "weights_bytes": 10}
+
+    # The load rose for the last two pairs (both variants slow down), and a
+    # burst hit one of our steps: the median of the per-step ratios sets both
+    # aside, the ratio of the two medians does not.
+    results = {"qlora_lab": run([1.0, 2.0, 2.0]), "bitsandbytes": run([1.1, 1.1, 2.2])}
+    summary = train_step.ratios(results, interleaved=True)
+    assert summary["pairs"] == pytest.approx([1.1, 0.55, 1.1])
+    assert summary["throughput"] == pytest.approx(1.1) and summary["peak_memory"] is None
+    assert train_step.ratios(results)["throughput"] == pytest.approx(0.55)
+    assert train_step.ratios(results)["pairs"] is None
+    with pytest.raises(ValueError):
+        train_step.ratios({"qlora_lab": run([1.0]), "bitsandbytes": run([1.0, 2.0])}, interleaved=True)
 
 
 def test_seven_b_measures_one_step(tiny_run):

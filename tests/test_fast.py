@@ -133,6 +133,7 @@ def awkward_tensors(dtype):
     yield torch.randn(3, 333, generator=g)
     yield torch.randn(1, generator=g)
     yield torch.randn(4097, generator=g) * 1e4
+    yield torch.randn(5, 2459, generator=g)  # 3 x 4096 + 7 values
     yield torch.cat([torch.zeros(128), torch.randn(100, generator=g), torch.zeros(30)])
     yield torch.cat([-torch.zeros(64), torch.randn(64, generator=g)])
     yield torch.cat([torch.tensor([1.0]), nf4_thresholds, -nf4_thresholds, torch.zeros(33)])
@@ -142,7 +143,12 @@ def awkward_tensors(dtype):
 
 @pytest.mark.parametrize("dtype", FLOATS, ids=str)
 @pytest.mark.parametrize("quant_type", nf4.QUANT_TYPES)
-def test_fast_quantize_and_dequantize_equal_the_definitions(dtype, quant_type):
+@pytest.mark.parametrize("chunk", ["default", 4096])
+def test_fast_quantize_and_dequantize_equal_the_definitions(dtype, quant_type, chunk, monkeypatch):
+    """With quantization in steps of 4096 values as well: steps start on block
+    boundaries, the last one may end inside a block or on an odd value."""
+    if chunk != "default":
+        monkeypatch.setattr(fast_nf4, "QUANTIZE_CHUNK", chunk)
     for blocksize in (32, 64, 4096):
         for x in awkward_tensors(dtype):
             x = x.to(dtype)
@@ -193,13 +199,20 @@ def test_decode_in_pieces_and_threads_equals_the_definition(dtype, threads, monk
         torch.set_num_threads(saved_threads)
 
 
-def test_decode_reports_an_error_raised_in_a_helper_thread(monkeypatch):
+@pytest.fixture
+def two_torch_threads():
+    saved = torch.get_num_threads()
+    torch.set_num_threads(2)
+    yield
+    torch.set_num_threads(saved)
+
+
+def test_decode_reports_an_error_raised_in_a_helper_thread(monkeypatch, two_torch_threads):
     """An exception inside a helper thread reaches the caller (it is not lost
-    with the thread)."""
+    with the thread), and PyTorch's thread count is restored."""
     packed, state = nf4.quantize_4bit(torch.randn(64, 128))
     monkeypatch.setattr(fast_decode, "DECODE_CHUNK", 1024)
     monkeypatch.setattr(fast_decode, "PARALLEL_MIN_BYTES", 1)
-    monkeypatch.setattr(torch, "get_num_threads", lambda: 2)
     real = fast_decode.decode_range
 
     def failing_in_helpers(*args):
@@ -210,6 +223,36 @@ def test_decode_reports_an_error_raised_in_a_helper_thread(monkeypatch):
     monkeypatch.setattr(fast_decode, "decode_range", failing_in_helpers)
     with pytest.raises(RuntimeError, match="helper failed"):
         fast_nf4.dequantize_4bit(packed, state)
+    assert torch.get_num_threads() == 2
+
+
+def test_decode_runs_one_openmp_thread_while_python_threads_decode(monkeypatch, two_torch_threads):
+    """The Python threads are the parallelism: each decodes with one OpenMP
+    thread, and the count comes back afterwards, also when the calling
+    thread's part fails."""
+    packed, state = nf4.quantize_4bit(torch.randn(64, 128))
+    monkeypatch.setattr(fast_decode, "DECODE_CHUNK", 1024)
+    monkeypatch.setattr(fast_decode, "PARALLEL_MIN_BYTES", 1)
+    real = fast_decode.decode_range
+    seen = []
+
+    def recording(*args):
+        seen.append(torch.get_num_threads())
+        real(*args)
+
+    monkeypatch.setattr(fast_decode, "decode_range", recording)
+    assert torch.equal(fast_nf4.dequantize_4bit(packed, state), nf4.dequantize_4bit(packed, state))
+    assert seen == [1, 1] and torch.get_num_threads() == 2
+
+    def failing_in_the_caller(*args):
+        if threading.current_thread() is threading.main_thread():
+            raise RuntimeError("caller failed")
+        real(*args)
+
+    monkeypatch.setattr(fast_decode, "decode_range", failing_in_the_caller)
+    with pytest.raises(RuntimeError, match="caller failed"):
+        fast_nf4.dequantize_4bit(packed, state)
+    assert torch.get_num_threads() == 2
 
 
 def test_byte_pair_table_holds_both_nibbles():

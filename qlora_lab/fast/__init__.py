@@ -10,12 +10,15 @@ worth optimising on a 2-core CPU, and by how much.
   :mod:`qlora_lab.nf4`, the same bits from the pieces below; the training path
   (``qlora.LinearNF4``, ``qlora.quantize_model``) runs it eagerly, and so does
   chapter 02's fake quantization of whole models (``qlora_lab.fake_quant``).
+  It quantizes ``QUANTIZE_CHUNK`` (about a million) values at a time, so that
+  its temporaries are 13 MiB that ``malloc`` recycles instead of 208 MiB of
+  fresh memory per 4096 x 4096 call (133 ms became 55 ms, same bits).
   ``make bench`` on the course's idle 2-core machine (2026-11-30, 2 threads,
-  4096 x 4096 float32, ``bench/RESULTS.md``): quantize 123.7 ms against the
-  readable definition's 390.3 ms and bitsandbytes' 293.9 ms (2.38x
-  bitsandbytes); dequantize 21.0 ms against 131.7 ms readable and 23.8 ms
-  bitsandbytes (1.13x). The readable definition under
-  ``torch.compile(fullgraph=True)`` came to 244.5 ms and 39.0 ms in the same
+  4096 x 4096 float32, median of 21 rounds, ``bench/RESULTS.md``): quantize
+  54.5 ms against the readable definition's 379.1 ms and bitsandbytes' 293.0
+  ms (5.38x bitsandbytes); dequantize 16.2 ms against 127.4 ms readable and
+  23.1 ms bitsandbytes (1.40x). The readable definition under
+  ``torch.compile(fullgraph=True)`` came to 243.0 ms and 38.3 ms in the same
   run, so the hand-written path stays on the training path; under
   ``torch.compile`` ``qlora.DequantizeLinear`` traces the readable one.
 - :mod:`qlora_lab.fast.nearest`: the nearest code by a 65,536-cell table
@@ -25,11 +28,13 @@ worth optimising on a 2-core CPU, and by how much.
   against 2,817 ms, one thread, under a load average of about 21).
 - :mod:`qlora_lab.fast.decode`: one gather in a 256-entry byte-pair table
   decodes both nibbles of a byte, outputs in 2 MiB pages (numpy's
-  ``MADV_HUGEPAGE``), large tensors split between Python threads. Reference:
-  ``nf4.dequantize_4bit``. Measured 8.4x faster (131 ms against 1,097 ms, one
-  thread, same load); the threads only pay on an idle
-  machine: with two threads under that load the decode fell to 0.42x
-  bitsandbytes (1.13x on the idle machine), so busy machines should run with
+  ``MADV_HUGEPAGE``), large tensors split between Python threads that run
+  with one OpenMP thread meanwhile (two OpenMP teams on two cores had made
+  the decode take 14.5 to 18.7 ms from one process to the next, now 11.8 to
+  13.6 ms). Reference: ``nf4.dequantize_4bit``. Measured 8.4x faster (131 ms
+  against 1,097 ms, one thread, under a load average of about 21); the
+  threads only pay on an idle machine: with two threads under that load the
+  decode fell to 0.42x bitsandbytes, so busy machines should run with
   ``torch.set_num_threads(1)``.
 - ``fast.nf4.absmax_4bit`` / ``scale_4bit``: absmax by two reductions and
   scaling into one preallocated float32 output, instead of the readable padded

@@ -17,10 +17,22 @@ from qlora_lab.fast.decode import decode_packed
 from qlora_lab.fast.nearest import nearest_code_table
 
 
+# Values quantized per step: a multiple of every block size (up to 4096), so
+# that steps start on block boundaries and only the last one can end inside a
+# block. Each step's temporaries (scaled values, cells, two look-ups: 13
+# bytes per value) take 13 MiB, which the C library's malloc recycles from one
+# step to the next; for the whole of a 4096 x 4096 matrix at once they were
+# 208 MiB of fresh memory per call, which the operating system maps and zeroes
+# page by page. Measured on 4096 x 4096 (2 threads, 2026-11-30): see
+# qlora_lab.fast's docstring.
+QUANTIZE_CHUNK = 1 << 20
+
+
 def quantize_4bit(x: torch.Tensor, blocksize: int = 64, quant_type: str = "nf4",
                   double_quant: bool = False) -> tuple[torch.Tensor, QuantState]:
     """:func:`qlora_lab.nf4.quantize_4bit`, with the nearest code found by
-    :class:`~qlora_lab.fast.nearest.NearestCodeTable`."""
+    :class:`~qlora_lab.fast.nearest.NearestCodeTable`, ``QUANTIZE_CHUNK``
+    values at a time."""
     nf4.check_quantize_4bit_arguments(x, blocksize, quant_type, double_quant)
     x = x.detach()
     code = nf4.code_for(quant_type).to(x.device)
@@ -28,9 +40,16 @@ def quantize_4bit(x: torch.Tensor, blocksize: int = 64, quant_type: str = "nf4",
     if not torch.isfinite(absmax).all():
         raise ValueError("quantize_4bit got a tensor containing NaN or infinity; quantization needs finite values "
                          "(find them with torch.isfinite(x))")
-    indices = nearest_code_table(code)(scale_4bit(x, absmax, blocksize))
-    return nf4.pack_nibbles(nf4.pad_to_even(indices, code)), nf4.make_state(x, absmax, blocksize, quant_type,
-                                                                             double_quant)
+    nearest = nearest_code_table(code)
+    flat = x.reshape(-1)
+    n = flat.numel()
+    packed = torch.empty((n + 1) // 2, 1, dtype=torch.uint8, device=x.device)
+    for start in range(0, n, QUANTIZE_CHUNK):
+        stop = min(start + QUANTIZE_CHUNK, n)
+        blocks = absmax[start // blocksize: -(-stop // blocksize)]
+        indices = nearest(scale_4bit(flat[start:stop], blocks, blocksize))
+        packed[start // 2: (stop + 1) // 2] = nf4.pack_nibbles(nf4.pad_to_even(indices, code))
+    return packed, nf4.make_state(x, absmax, blocksize, quant_type, double_quant)
 
 
 def dequantize_4bit(packed: torch.Tensor, state: QuantState) -> torch.Tensor:
