@@ -11,7 +11,7 @@ import qlora_lab  # noqa: F401  (before bitsandbytes)
 import bitsandbytes as bnb
 from qlora_lab.lora import LoRALinear, add_lora
 from qlora_lab.nf4 import QuantState, dequantize_4bit, quantize_4bit
-from qlora_lab.qlora import DequantizeLinear, LinearNF4, memory_footprint, quantize_model
+from qlora_lab.qlora import LinearNF4, memory_footprint, quantize_model
 
 
 def bnb_linear4bit(linear: nn.Linear, quant_type: str, double_quant: bool) -> bnb.nn.Linear4bit:
