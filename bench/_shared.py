@@ -58,6 +58,13 @@ def positive_float(text: str) -> float:
     return value
 
 
+def paired_ratios(ours: list[float], theirs: list[float]) -> list[float]:
+    """``theirs[i] / ours[i]`` for times taken in turn (above 1: ours was
+    faster in that pair). A change in the machine's load hits both sides of a
+    pair alike, so the median of these is the ratio the benchmarks report."""
+    return [t / o for o, t in zip(ours, theirs, strict=True)]
+
+
 def load_average() -> str:
     """The 1, 5 and 15 minute load averages, e.g. ``"0.12, 0.30, 0.41"``."""
     try:

@@ -41,7 +41,7 @@ from qlora_lab import nf4
 from qlora_lab.fast import nf4 as fast_nf4
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _shared import positive_int  # noqa: E402
+from _shared import paired_ratios, positive_int  # noqa: E402
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -83,7 +83,7 @@ def round_seconds(functions: dict[str, callable], runs: int) -> dict[str, list[f
 def ratio_to_bnb(times: dict[str, list[float]], name: str) -> float:
     """bitsandbytes' time over ``name``'s in the same round, the median over
     the rounds (above 1: ``name`` is faster)."""
-    return statistics.median(theirs / ours for ours, theirs in zip(times[name], times["bnb"], strict=True))
+    return statistics.median(paired_ratios(times[name], times["bnb"]))
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -29,7 +29,6 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -194,7 +193,7 @@ def train_step_section(outcome: dict) -> str:
                  f"of ours then step i of bitsandbytes', so a change in the machine's load hits both. Median "
                  f"step {ours['median_step_seconds']:.2f} s (ours) and {theirs['median_step_seconds']:.2f} s "
                  f"(bitsandbytes); per-step ratios " + ", ".join(f"{r:.3f}" for r in pairs)
-                 + f". Ours / bitsandbytes: **throughput {statistics.median(pairs):.3f}** (median; "
+                 + f". Ours / bitsandbytes: **throughput {turns['json']['ratios']['throughput']:.3f}** (median; "
                  "target >= 1.0).\n")
     text += ("\nPeak MB: highest resident set during the measured steps minus the process's resident set after "
              "its imports (kernel high-water mark); float32 weights that transformers leaves as views of the "

@@ -405,7 +405,7 @@ def ratios(results: dict[str, dict], interleaved: bool = False) -> dict | None:
     summary = {"throughput": ours["tokens_per_second"] / theirs["tokens_per_second"], "peak_memory": peak,
                "weights": ours["weights_bytes"] / theirs["weights_bytes"], "pairs": None}
     if interleaved:
-        summary["pairs"] = [t / o for o, t in zip(ours["step_seconds"], theirs["step_seconds"], strict=True)]
+        summary["pairs"] = _shared.paired_ratios(ours["step_seconds"], theirs["step_seconds"])
         summary["throughput"] = statistics.median(summary["pairs"])
     return summary
 

@@ -199,57 +199,56 @@ def test_decode_in_pieces_and_threads_equals_the_definition(dtype, threads, monk
         torch.set_num_threads(saved_threads)
 
 
+REAL_DECODE_RANGE = fast_decode.decode_range
+
+
 @pytest.fixture
-def two_torch_threads():
+def split_decode(monkeypatch):
+    """A small tensor whose decode is split between two Python threads (two
+    PyTorch threads, tiny steps); PyTorch's thread count is put back after."""
     saved = torch.get_num_threads()
     torch.set_num_threads(2)
-    yield
+    monkeypatch.setattr(fast_decode, "DECODE_CHUNK", 1024)
+    monkeypatch.setattr(fast_decode, "PARALLEL_MIN_BYTES", 1)
+    yield nf4.quantize_4bit(torch.randn(64, 128))
     torch.set_num_threads(saved)
 
 
-def test_decode_reports_an_error_raised_in_a_helper_thread(monkeypatch, two_torch_threads):
+def failing_decode(in_caller: bool, message: str):
+    """``decode_range`` that raises in the calling thread or in the helpers."""
+    def decode(*args):
+        if (threading.current_thread() is threading.main_thread()) == in_caller:
+            raise RuntimeError(message)
+        REAL_DECODE_RANGE(*args)
+    return decode
+
+
+def test_decode_reports_an_error_raised_in_a_helper_thread(monkeypatch, split_decode):
     """An exception inside a helper thread reaches the caller (it is not lost
     with the thread), and PyTorch's thread count is restored."""
-    packed, state = nf4.quantize_4bit(torch.randn(64, 128))
-    monkeypatch.setattr(fast_decode, "DECODE_CHUNK", 1024)
-    monkeypatch.setattr(fast_decode, "PARALLEL_MIN_BYTES", 1)
-    real = fast_decode.decode_range
-
-    def failing_in_helpers(*args):
-        if threading.current_thread() is not threading.main_thread():
-            raise RuntimeError("helper failed")
-        real(*args)
-
-    monkeypatch.setattr(fast_decode, "decode_range", failing_in_helpers)
+    packed, state = split_decode
+    monkeypatch.setattr(fast_decode, "decode_range", failing_decode(in_caller=False, message="helper failed"))
     with pytest.raises(RuntimeError, match="helper failed"):
         fast_nf4.dequantize_4bit(packed, state)
     assert torch.get_num_threads() == 2
 
 
-def test_decode_runs_one_openmp_thread_while_python_threads_decode(monkeypatch, two_torch_threads):
+def test_decode_runs_one_openmp_thread_while_python_threads_decode(monkeypatch, split_decode):
     """The Python threads are the parallelism: each decodes with one OpenMP
     thread, and the count comes back afterwards, also when the calling
     thread's part fails."""
-    packed, state = nf4.quantize_4bit(torch.randn(64, 128))
-    monkeypatch.setattr(fast_decode, "DECODE_CHUNK", 1024)
-    monkeypatch.setattr(fast_decode, "PARALLEL_MIN_BYTES", 1)
-    real = fast_decode.decode_range
+    packed, state = split_decode
     seen = []
 
     def recording(*args):
         seen.append(torch.get_num_threads())
-        real(*args)
+        REAL_DECODE_RANGE(*args)
 
     monkeypatch.setattr(fast_decode, "decode_range", recording)
     assert torch.equal(fast_nf4.dequantize_4bit(packed, state), nf4.dequantize_4bit(packed, state))
     assert seen == [1, 1] and torch.get_num_threads() == 2
 
-    def failing_in_the_caller(*args):
-        if threading.current_thread() is threading.main_thread():
-            raise RuntimeError("caller failed")
-        real(*args)
-
-    monkeypatch.setattr(fast_decode, "decode_range", failing_in_the_caller)
+    monkeypatch.setattr(fast_decode, "decode_range", failing_decode(in_caller=True, message="caller failed"))
     with pytest.raises(RuntimeError, match="caller failed"):
         fast_nf4.dequantize_4bit(packed, state)
     assert torch.get_num_threads() == 2
