@@ -1,17 +1,17 @@
-"""``python -m qlora_lab finetune``: the course's finale as a command.
+r"""``python -m qlora_lab finetune``: the course's finale as a command.
 
     python -m qlora_lab finetune --preset smollm2-cpu --out runs/smollm2
     python -m qlora_lab finetune --preset llama-7b-gpu --model huggyllama/llama-7b --out runs/guanaco-7b
     python -m qlora_lab finetune --preset llama-7b-gpu --dry-run      # anywhere: configuration + memory per backend
     python -m qlora_lab finetune --preset smollm2-cpu --out runs/smollm2 --resume
     python -m qlora_lab gpu-smoke --model huggyllama/llama-7b          # both backends, a few steps on the GPU
-    torchrun --standalone --nproc_per_node 2 -m qlora_lab finetune --fsdp --preset smollm2-cpu --out runs/fsdp
+    torchrun --standalone --nproc_per_node 2 -m qlora_lab finetune --fsdp --preset smollm2-cpu --out runs/fsdp \
+        --set gradient_accumulation_steps=2 --set batch_size=4   # the 2 processes share each step's micro-batches
 
-Settings of a preset can be changed with ``--max-steps``, ``--model``,
-``--data``, ``--backend`` or ``--set name=value`` (any field of
-``qlora_lab.recipe.TrainConfig``). ``--backend`` chooses who builds the model:
-``bitsandbytes`` (transformers + bitsandbytes + peft, the default on CUDA) or
-``qlora_lab`` (the course's layers, the default on a CPU); see ``qlora_lab.backends``.
+Settings of a preset can be changed with ``--max-steps``, ``--model``, ``--data``, ``--backend`` or
+``--set name=value`` (any field of ``qlora_lab.recipe.TrainConfig``). ``--backend`` chooses who builds
+the model: ``bitsandbytes`` (transformers + bitsandbytes + peft, the default on CUDA) or ``qlora_lab``
+(the course's layers, the default on a CPU); see ``qlora_lab.backends``.
 """
 
 from __future__ import annotations

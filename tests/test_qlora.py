@@ -12,6 +12,7 @@ import bitsandbytes as bnb
 from qlora_lab.lora import LoRALinear, add_lora
 from qlora_lab.nf4 import QuantState, dequantize_4bit, quantize_4bit
 from qlora_lab.qlora import LinearNF4, memory_footprint, quantize_model
+from qlora_lab.support.checks import assert_close_to_rounding
 
 
 def bnb_linear4bit(linear: nn.Linear, quant_type: str, double_quant: bool) -> bnb.nn.Linear4bit:
@@ -112,7 +113,8 @@ def test_input_gradient_is_through_the_dequantized_weight():
     layer(x).backward(grad)
     w = layer.dequantized_weight()
     assert torch.equal(x.grad, grad @ w)
-    assert torch.allclose(layer.bias.grad, grad.sum(0))
+    assert_close_to_rounding(layer.bias.grad, grad.sum(0), terms=4, magnitude=grad.abs().sum(0),
+                             why="autograd may sum the 4 rows in another order")
 
 
 def test_parameter_count_of_a_quantized_model_includes_the_4bit_weights(tiny):
@@ -202,8 +204,11 @@ def test_compiled_readable_dequantize_and_layer_equal_eager():
     y.backward(torch.ones_like(y))
     y_compiled = torch.compile(layer, fullgraph=True)(x_compiled)
     y_compiled.backward(torch.ones_like(y_compiled))
-    torch.testing.assert_close(y_compiled, y, rtol=1e-6, atol=1e-6)  # the matmul may be fused differently
-    torch.testing.assert_close(x_compiled.grad, x.grad, rtol=1e-6, atol=1e-6)
+    w = layer.dequantized_weight()
+    assert_close_to_rounding(y_compiled, y, terms=40, magnitude=x.detach().abs() @ w.abs().t() + layer.bias.abs(),
+                             why="inductor may fuse or reorder the matmul")
+    assert_close_to_rounding(x_compiled.grad, x.grad, terms=24, magnitude=w.abs().sum(0),
+                             why="inductor may reorder the sum over the 24 outputs")
 
 
 # --------------------------------------------------------------------------- #
@@ -276,7 +281,7 @@ def test_gradient_checkpointing_same_numbers_less_memory(tiny):
     loss_ckpt, grads_ckpt, saved_ckpt = run(True)
     assert torch.equal(loss_plain, loss_ckpt)
     for name in grads_plain:
-        assert torch.allclose(grads_plain[name], grads_ckpt[name], rtol=1e-5, atol=1e-7), name
+        assert torch.equal(grads_plain[name], grads_ckpt[name]), name  # recomputation re-runs the same kernels
     assert saved_ckpt < saved_plain / 2
 
 
