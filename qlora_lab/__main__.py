@@ -298,7 +298,7 @@ def main(argv: list[str] | None = None) -> int:
             from qlora_lab.smoke import run_from_args
 
             return run_from_args(args)
-    except (ValueError, FileNotFoundError, FileExistsError, RuntimeError) as err:
+    except (ValueError, OSError, RuntimeError) as err:  # OSError: a missing file, an existing run, a full disk
         print(f"error: {err}", file=sys.stderr)
         return 2
     return 1

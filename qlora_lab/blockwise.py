@@ -38,14 +38,23 @@ import torch.nn.functional as F
 TINY_ABSMAX = 1e-38
 
 
+def check_positive_blocksize(blocksize: int) -> None:
+    """ValueError unless ``blocksize`` is a positive int (any size works here;
+    the 4-bit and double-quantization entry points allow only powers of two)."""
+    if isinstance(blocksize, bool) or not isinstance(blocksize, int) or blocksize < 1:
+        raise ValueError(f"blocksize must be a positive int (values per block, e.g. 64), got {blocksize!r}")
+
+
 def number_of_blocks(n: int, blocksize: int) -> int:
     """How many blocks ``n`` values make: ``ceil(n / blocksize)``."""
+    check_positive_blocksize(blocksize)
     return -(-n // blocksize)
 
 
 def as_blocks(x: torch.Tensor, blocksize: int) -> torch.Tensor:
     """The flattened ``x`` as a ``(blocks, blocksize)`` matrix, one block per
     row; a partial last block is padded with zeros (which change no absmax)."""
+    check_positive_blocksize(blocksize)
     flat = x.reshape(-1)
     return F.pad(flat, (0, -flat.numel() % blocksize)).view(-1, blocksize)
 
@@ -115,6 +124,9 @@ def quantize_blockwise(x: torch.Tensor, code: torch.Tensor, blocksize: int = 64)
     """Steps 1-4 with any code: ``(indices, absmax)``, one uint8 index per
     value of the flattened ``x`` and one float32 absmax per block."""
     absmax = blockwise_absmax(x, blocksize)
+    if not torch.isfinite(absmax).all():  # a NaN or inf makes its block's absmax NaN or inf
+        raise ValueError("quantize_blockwise got a tensor containing NaN or infinity; quantization needs finite "
+                         "values (find them with torch.isfinite(x))")
     return nearest_code(scale_blocks(x, absmax, blocksize), code), absmax
 
 

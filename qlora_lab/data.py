@@ -185,7 +185,7 @@ def load_jsonl(path: str | Path) -> list[dict]:
             except json.JSONDecodeError as err:
                 raise ValueError(f"invalid JSON: {err.msg} at column {err.colno}") from None
             validate_record(record)
-        except ValueError as err:
+        except (ValueError, RecursionError) as err:  # RecursionError: JSON nested deeper than Python's stack
             errors.append((str(path), number, str(err)))
             continue
         records.append(record)

@@ -283,9 +283,9 @@ def train_fsdp(config, out_dir: str | os.PathLike, *, resume: bool = False, prog
     out_dir = Path(out_dir)
     if resume and resume_lib.latest_checkpoint(out_dir) is None:
         raise FileNotFoundError(f"--resume: there is no complete checkpoint in {out_dir}; start without --resume")
-    if not resume and resume_lib.latest_checkpoint(out_dir) is not None:
-        raise FileExistsError(f"{out_dir} already holds checkpoints of a run; pass --resume to continue it, or "
-                              f"choose another output directory")
+    if not resume and (resume_lib.latest_checkpoint(out_dir) or (out_dir / resume_lib.ADAPTER_DIR).exists()):
+        raise FileExistsError(f"{out_dir} already holds a run (checkpoints or a final adapter); pass --resume to "
+                              f"continue it, or choose another output directory")
     if splits is None:
         splits = data_lib.load_dataset(config.data, splits=("train", "validation"))
     with distributed.process_group(dist_backend) as (info, device):
@@ -319,14 +319,13 @@ def _train_loop(config, out_dir: Path, resume: bool, progress: str, splits: dict
                                        config.seed, config.group_by_length)
     result = train_lib.TrainResult(config=config, backend="qlora_lab+fsdp")
     state = {"step": 0, "history": [], "evaluations": [], "config": dataclasses.asdict(config)}
-    checkpoint = resume_lib.latest_checkpoint(out_dir) if resume else None
-    if checkpoint is not None:
+    found = resume_lib.newest_intact_checkpoint(out_dir) if resume else None  # every file read back, damage named
+    if found is not None:
+        checkpoint, saved, state = found
         load_sharded_adapter(model, checkpoint / resume_lib.ADAPTER_DIR)
-        saved = resume_lib.load_training_state(checkpoint / "training_state.pt")
         set_optimizer_state_dict(model, optimizer, saved["optimizer"],
                                  options=StateDictOptions(full_state_dict=True))
         scheduler.load_state_dict(saved["scheduler"])
-        state = json.loads((checkpoint / resume_lib.TRAINER_STATE).read_text())
         rng = saved["rng"][rank] if len(saved["rng"]) == world else saved["rng"][0]
         torch.set_rng_state(rng["torch"])
         random.setstate(rng["python"])

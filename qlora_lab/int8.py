@@ -226,11 +226,11 @@ def zeropoint_quantize(x: torch.Tensor, bits: int = 8) -> tuple[torch.Tensor, to
 
 
 def zeropoint_dequantize(q: torch.Tensor, scale: torch.Tensor | float, zero: torch.Tensor | int) -> torch.Tensor:
-    """``x_hat = (x_q - z) / s`` (computed in float64, returned as float32)."""
-    fn = "zeropoint_dequantize"
-    q = check_integer_tensor(q, fn)
-    s = _as_scale(scale, fn, torch.float64)
-    return ((q.to(torch.float64) - torch.as_tensor(zero).to(torch.float64)) / s).to(torch.float32)
+    """``x_hat = (x_q - z) / s`` (computed in float64, returned as float32, saturating at float32's largest value)."""
+    q = check_integer_tensor(q, "zeropoint_dequantize")
+    s = _as_scale(scale, "zeropoint_dequantize", torch.float64)
+    largest = torch.finfo(torch.float32).max  # the end codes may lie half a step beyond x's range: no inf
+    return ((q.to(torch.float64) - torch.as_tensor(zero).to(torch.float64)) / s).clamp(-largest, largest).float()
 
 
 def zeropoint_linear(

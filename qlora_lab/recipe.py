@@ -89,12 +89,28 @@ class TrainConfig:
         for name in ("eval_examples", "score_examples"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be zero or positive, got {getattr(self, name)!r}")
-        if not self.learning_rate > 0:
-            raise ValueError(f"learning_rate must be positive, got {self.learning_rate}")
-        if not 0 <= self.warmup_ratio < 1:
-            raise ValueError(f"warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
-        if not self.max_grad_norm > 0:
-            raise ValueError(f"max_grad_norm must be positive, got {self.max_grad_norm}")
+        # Real-valued settings: finite (nan and inf are refused), in (0, inf), [0, inf) or [0, 1).
+        for name, lowest, above in (("learning_rate", ">", math.inf), ("lora_alpha", ">", math.inf),
+                                    ("max_grad_norm", ">", math.inf), ("weight_decay", ">=", math.inf),
+                                    ("lora_dropout", ">=", 1), ("warmup_ratio", ">=", 1),
+                                    ("adam_beta1", ">=", 1), ("adam_beta2", ">=", 1)):
+            value = getattr(self, name)
+            if (isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value)
+                    or not (value > 0 if lowest == ">" else value >= 0) or not value < above):
+                interval = ("(0, " if lowest == ">" else "[0, ") + ("1)" if above == 1 else "inf)")
+                raise ValueError(f"{name} must be a finite number in {interval}, got {value!r}")
+        from qlora_lab.nf4 import BLOCKSIZES, QUANT_TYPES
+
+        if self.quant_type not in QUANT_TYPES:
+            raise ValueError(f"quant_type must be one of {', '.join(QUANT_TYPES)}, got {self.quant_type!r}")
+        if isinstance(self.blocksize, bool) or self.blocksize not in BLOCKSIZES:
+            raise ValueError(f"blocksize must be one of {', '.join(map(str, BLOCKSIZES))}, got {self.blocksize!r}")
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or not 0 <= self.seed < 2**63:
+            raise ValueError(f"seed must be an integer from 0 to 2**63 - 1, got {self.seed!r}")
+        for name in ("model", "data", "target_modules", "memory_config"):
+            value = getattr(self, name)
+            if not (value is None and name == "memory_config") and (not isinstance(value, str) or not value.strip()):
+                raise ValueError(f"{name} must be a non-empty string, got {value!r}")
 
     @property
     def warmup_steps(self) -> int:

@@ -48,16 +48,7 @@ from qlora_lab import data as data_lib
 from qlora_lab import evaluate
 from qlora_lab.fast.loss import causal_lm_loss
 from qlora_lab.recipe import PRESETS, TrainConfig, preset  # the run's settings; train.preset(...) is the usual call
-from qlora_lab.support.resume import (
-    ADAPTER_DIR,
-    TRAINER_STATE,
-    TRAINING_STATE,
-    checkpoints,
-    latest_checkpoint,
-    load_training_state,
-    restore_rng_state,
-    save_checkpoint,
-)
+from qlora_lab.support.resume import ADAPTER_DIR, checkpoints, newest_intact_checkpoint, restore_rng_state, save_checkpoint
 
 __all__ = ["PRESETS", "TrainConfig", "TrainResult", "BatchSchedule", "build_model", "build_optimizer",
            "constant_schedule_with_warmup", "preset", "resolve_device", "train"]
@@ -192,14 +183,14 @@ def train(config: TrainConfig, out_dir: str | os.PathLike, *, resume: bool = Fal
     if progress not in ("bar", "log", "none"):
         raise ValueError(f"progress must be 'bar', 'log' or 'none', got {progress!r}")
     out_dir = Path(out_dir)
-    checkpoint = None
+    found = None  # (checkpoint, training state, trainer state), every file read back before the run trusts it
     if resume:
-        checkpoint = latest_checkpoint(out_dir)
-        if checkpoint is None:
+        found = newest_intact_checkpoint(out_dir)
+        if found is None:
             raise FileNotFoundError(f"--resume: there is no complete checkpoint in {out_dir}; start without --resume")
-    elif out_dir.exists() and checkpoints(out_dir):
-        raise FileExistsError(f"{out_dir} already holds checkpoints of a run; pass resume=True (--resume) to "
-                              f"continue it, or choose another output directory")
+    elif out_dir.exists() and (checkpoints(out_dir) or (out_dir / ADAPTER_DIR).exists()):
+        raise FileExistsError(f"{out_dir} already holds a run (checkpoints or a final adapter); pass resume=True "
+                              f"(--resume) to continue it, or choose another output directory")
     device = resolve_device(config)
     from qlora_lab import backends
 
@@ -233,12 +224,11 @@ def train(config: TrainConfig, out_dir: str | os.PathLike, *, resume: bool = Fal
 
     state = {"step": 0, "history": [], "evaluations": [], "config": dataclasses.asdict(config)}
 
-    if checkpoint is not None:
+    if found is not None:
+        checkpoint, saved, state = found
         backends.load_adapter(model, checkpoint / ADAPTER_DIR)
-        saved = load_training_state(checkpoint / TRAINING_STATE)
         optimizer.load_state_dict(saved["optimizer"])
         scheduler.load_state_dict(saved["scheduler"])
-        state = json.loads((checkpoint / TRAINER_STATE).read_text())
         restore_rng_state(saved["rng"])
         result.resumed_from = state["step"]
 

@@ -124,6 +124,7 @@ def test_smollm2_losses_agree_within_the_stated_tolerance(small_data, tmp_path):
                         save_every=10, eval_every=10)
         losses[backend] = train(config, tmp_path / backend, progress="none").losses()
     for ours, theirs in zip(losses["qlora_lab"], losses["bitsandbytes"]):
+        # Modelling tolerance, not rounding: the 0.22% differing 8-bit codes (measured 4.5e-4), 9x under NF4 -> FP4.
         assert math.isfinite(ours) and abs(ours - theirs) <= 2e-3 * abs(theirs), losses
     assert losses["qlora_lab"] != losses["bitsandbytes"]  # the 8-bit codes do differ
 
@@ -229,7 +230,8 @@ def test_gpu_smoke_compares_the_backends_on_the_cpu(small_data, tmp_path, monkey
     assert "[bitsandbytes] trained 2 steps with the bitsandbytes backend" in out
     assert "[qlora_lab] trained 2 steps with the qlora_lab backend" in out
     losses = [line.split()[-2:] for line in out.splitlines() if line.startswith("loss at step")]
-    assert len(losses) == 2 and all(abs(float(a) - float(b)) < 1e-3 for a, b in losses)
+    # The command checked |a - b| <= 1e-4 |b|; the table prints 5 decimals, each off by at most 0.5e-5.
+    assert len(losses) == 2 and all(abs(float(a) - float(b)) <= 1e-4 * abs(float(b)) + 1e-5 for a, b in losses)
     redone = next(line for line in out.splitlines() if line.startswith("resumed bitsandbytes at step 1"))
     assert redone.split()[8].rstrip(",") == redone.split()[9]  # on the CPU, the very same loss
     assert "OK: both backends ran 2 steps and their losses agree within 0.01%; a resumed run redid step 2 alike." in out

@@ -2,12 +2,15 @@
 
 The runs are short (a few steps of short sequences) so that the whole file
 stays well under two minutes on two busy cores. Tolerance for "the same
-losses as one process": 1e-5 relative; measured differences are 0 to 1e-7
-(the reduce-scatter adds two ranks' partial gradients in another order).
+run as one process" (notebook 09's): losses within sqrt(terms) x eps relative,
+each adapter update B @ A within 10x that of its norm, terms being a step's
+tokens times the hidden size (the reduce-scatter adds two ranks' partial
+gradients in another order, and each CPU's kernels group sums their own way).
 """
 
 from __future__ import annotations
 
+import inspect
 import json
 import os
 import shutil
@@ -25,7 +28,7 @@ from qlora_lab.support import distributed
 from qlora_lab.train import preset, train
 
 ROOT = Path(__file__).resolve().parents[1]
-REL_TOL = 1e-5
+TINY_HIDDEN = inspect.signature(tiny_llama).parameters["hidden_size"].default
 SHORT = {"gradient_accumulation_steps": 2, "batch_size": 4, "max_length": 48, "eval_examples": 4,
          "eval_batch_size": 4, "eval_every": 2, "save_every": 2, "lora_dropout": 0.0, "r": 8,
          "lora_alpha": 16.0}
@@ -62,12 +65,32 @@ def adapter(out: Path) -> dict[str, torch.Tensor]:
     return load_file(str(out / "adapter" / "adapter_model.safetensors"))
 
 
-def check_same_run(sharded: Path, single: Path) -> None:
-    assert losses(sharded) == pytest.approx(losses(single), rel=REL_TOL)
+def rounding(hidden_size: int) -> float:
+    """Chapter 09's rounding level of a float32 sum over a step's tokens times the model's features.
+
+    The two runs add the same numbers in other orders (two ranks' gradients are reduce-scattered,
+    and each CPU's kernels group their sums their own way); such rounding grows like sqrt(n) * eps.
+    """
+    terms = SHORT["batch_size"] * SHORT["gradient_accumulation_steps"] * SHORT["max_length"] * hidden_size
+    return torch.finfo(torch.float32).eps * terms ** 0.5
+
+
+def check_same_run(sharded: Path, single: Path, hidden_size: int = TINY_HIDDEN) -> None:
+    tolerance = rounding(hidden_size)
+    # A loss is a mean of the same float32 sums in another order: within the rounding, relative.
+    assert losses(sharded) == pytest.approx(losses(single), rel=tolerance, abs=0)
     a, b = adapter(sharded), adapter(single)
     assert sorted(a) == sorted(b)
-    for key in a:
-        torch.testing.assert_close(a[key], b[key], rtol=1e-4, atol=1e-6)
+    # Notebook 09 cell 19: compare each update B @ A as a whole matrix, relative to its norm. Adam
+    # divides every gradient entry by its own running size, so an entry whose gradient is at rounding
+    # level may step by lr either way; the norm is carried by the large entries, which rounding barely
+    # moves. A few steps pass rounding on and Adam magnifies it where gradients are small: allow 10x.
+    for key in (k for k in b if k.endswith("lora_A.weight")):
+        b_key = key.replace("lora_A", "lora_B")
+        ours = a[b_key].double() @ a[key].double()
+        reference = b[b_key].double() @ b[key].double()
+        gap = ((ours - reference).norm() / reference.norm()).item()
+        assert gap <= 10 * tolerance, f"{key}: B @ A differs by {gap:.3g} of its norm > 10 x {tolerance:.3g}"
 
 
 @pytest.fixture(scope="module")
@@ -144,7 +167,7 @@ def test_make_shardable_turns_packed_weights_into_frozen_parameters():
     assert names["weight"].dtype == torch.uint8 and not names["weight"].requires_grad
     assert names["absmax_indices"].dtype == torch.uint8  # double-quantized constants
     assert "weight" not in dict(layer.named_buffers())
-    torch.testing.assert_close(model(x).logits, before, rtol=0, atol=0)
+    assert torch.equal(model(x).logits, before)  # the same kernels on the same weights, only re-registered
 
 
 def test_world_size_the_model_cannot_be_sharded_by():

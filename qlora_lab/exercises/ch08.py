@@ -60,6 +60,7 @@ def check_exercise_1(q8_0_roundtrip) -> bool:
             with np.errstate(divide="ignore", invalid="ignore"):
                 unrounded_scale = np.where(exact_scale > 0, np.round(x / exact_scale) * exact_scale, 0)
             print(f"Exercise 1: wrong values for an input of {x.shape[0]} values (max |x| {np.abs(x).max():.3g})")
+            # Hint only: these differ from a learner's float32 result by a few roundings of scale * q (eps 1.2e-7).
             if np.allclose(got, tensor_wise, rtol=1e-6, atol=0):
                 print("  Hint: one scale per block of 32 values, not one for the whole array.")
             elif np.allclose(got, unrounded_scale, rtol=1e-6, atol=0):

@@ -22,6 +22,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import struct
 from pathlib import Path
 
 import numpy as np
@@ -177,7 +178,17 @@ def load_gguf(path: str | os.PathLike, dtype: torch.dtype = torch.float32):
     from qlora_lab.models import quiet_loading
 
     path = Path(path)
-    with quiet_loading():
-        tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
-        model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=dtype)
+    again = "export it again (python -m qlora_lab export --format gguf ...)"
+    if not path.is_file():
+        raise FileNotFoundError(f"there is no GGUF file at {path}")
+    with open(path, "rb") as f:
+        magic = f.read(4)
+    if magic != b"GGUF":
+        raise ValueError(f"{path} is not a GGUF file (it starts with {magic!r}, not b'GGUF'); {again}")
+    try:
+        with quiet_loading():
+            tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+            model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=dtype)
+    except (ValueError, IndexError, KeyError, OSError, EOFError, struct.error) as err:  # the reader on a file cut short
+        raise ValueError(f"{path} is not a complete GGUF file ({type(err).__name__}: {str(err)[:200]}); {again}") from None
     return model.eval(), tokenizer
