@@ -105,9 +105,6 @@ def double_quantize(absmax: torch.Tensor, blocksize: int = 256) -> tuple[torch.T
     offset = absmax.mean()
     centred = absmax - offset
     nested_absmax = blockwise_absmax(centred, blocksize)
-    if not (torch.isfinite(offset) and torch.isfinite(nested_absmax).all()):  # finite, but the mean overflowed
-        raise ValueError("double_quantize: the block constants are too large for float32 (their mean overflows to "
-                         "infinity); scale the tensor down (e.g. by a power of two) before quantizing it")
     code = dynamic_map(signed=True).to(absmax.device)
     indices = nearest_code(scale_blocks(centred, nested_absmax, blocksize), code, midpoint_dtype=torch.float64)
     return indices, NestedState(absmax=nested_absmax, offset=offset, code=code, blocksize=blocksize)
