@@ -51,6 +51,8 @@ def resolve_config(args) -> "TrainConfig":  # noqa: F821
         if "=" not in item:
             raise ValueError(f"--set takes name=value, got {item!r}")
         name, value = item.split("=", 1)
+        if not name:
+            raise ValueError(f"--set takes name=value, got {item!r} (no name before '='); e.g. --set r=16")
         if name not in fields:
             raise ValueError(f"--set {name}: unknown setting{renamed_hint([name])}; valid settings: "
                              f"{', '.join(sorted(fields))}")
