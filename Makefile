@@ -148,7 +148,7 @@ after-finetuning: $(STAMP)
 # pair in both orders. Writes qlora_lab/results/judge.json (committed) and rank_adapters.safetensors (not).
 RANK_JUDGE_ARGS ?=
 rank-and-judge: $(STAMP)
-	$(BIN)/python -m qlora_lab.rank_and_judge $(RANK_JUDGE_ARGS)
+	$(BIN)/python -m qlora_lab.runs.rank_and_judge $(RANK_JUDGE_ARGS)
 
 # For teachers with a CUDA GPU: the 7B recipe for a few steps with each backend
 # (bitsandbytes and the course's layers): peak GPU memory against the estimate,

@@ -7,7 +7,7 @@ Four implementations get the same input:
 
 * ``fast``: ``qlora_lab.fast.nf4``, the hand-written fast path that the
   training path (``LinearNF4``, ``quantize_model``) runs;
-* ``readable``: ``qlora_lab.nf4``, the chapter's definitions, run eagerly;
+* ``readable``: ``qlora_lab.quant.nf4``, the chapter's definitions, run eagerly;
 * ``compiled``: the same definitions under ``torch.compile(fullgraph=True)``
   (compiled during the warm-up run; ``--no-compile`` leaves it out);
 * ``bnb``: ``bitsandbytes.functional``.
@@ -37,8 +37,8 @@ from pathlib import Path
 import torch
 
 import qlora_lab  # noqa: F401  (before bitsandbytes: silences a CPU-dependent warning)
-from qlora_lab import nf4
 from qlora_lab.fast import nf4 as fast_nf4
+from qlora_lab.quant import nf4
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _shared import paired_ratios, positive_int  # noqa: E402
@@ -114,12 +114,12 @@ def main(argv: list[str] | None = None) -> int:
     for name, quantize in quantizers.items():
         their_packed, their_state = quantize()
         if not (torch.equal(their_packed, packed) and torch.equal(their_state.absmax, state.absmax)):
-            print(f"error: {name} and qlora_lab.nf4 quantized differently; not timing", file=sys.stderr)
+            print(f"error: {name} and qlora_lab.quant.nf4 quantized differently; not timing", file=sys.stderr)
             return 1
     values = nf4.dequantize_4bit(packed, state)
     for name, dequantize in dequantizers.items():
         if not torch.equal(dequantize().reshape(values.shape), values):
-            print(f"error: {name} and qlora_lab.nf4 dequantized differently; not timing", file=sys.stderr)
+            print(f"error: {name} and qlora_lab.quant.nf4 dequantized differently; not timing", file=sys.stderr)
             return 1
 
     quantize = round_seconds(quantizers, args.runs)

@@ -17,7 +17,7 @@ How the model is built, without the full-precision model ever existing:
 2. Every linear layer of every decoder block, one at a time: its float32
    weight is drawn from a generator seeded with (seed, layer index), quantized
    to NF4 with double quantization in blocks of 64
-   (``qlora_lab.nf4.quantize_4bit``), wrapped in a ``qlora_lab.qlora.LinearNF4``
+   (``qlora_lab.quant.nf4.quantize_4bit``), wrapped in a ``qlora_lab.qlora.LinearNF4``
    (compute dtype float32) and put into the model; the float32 weight is then
    dropped. At most one layer's float32 weight (11008 x 4096: 180 MB) exists
    at any time.

@@ -4,7 +4,7 @@
     .venv/bin/python bench/streaming_load.py --layers 4       # the first 4 of its 32 layers (a quick look)
     .venv/bin/python bench/streaming_load.py --dir /big/disk --keep
 
-The question (chapter 07, ``qlora_lab.streaming``): can a machine with less
+The question (chapter 07, ``qlora_lab.finetune.streaming``): can a machine with less
 RAM than the 16-bit model load it in 4 bits? LLaMA-7B in bfloat16 is 13.5 GB;
 a free Colab machine has about 12.7 GB of RAM. The target: the whole load
 under 8 GB of host memory, with the 4-bit model kept on the CPU (the worst
@@ -16,13 +16,13 @@ case: on a GPU it leaves the host as it is built).
    temporary directory, as transformers lays one out: bfloat16 shards (two of
    them for LLaMA-7B with ``--shard-gb 10``, as the published checkpoints
    are split) and ``model.safetensors.index.json``. It needs 13.5 GB of disk.
-2. A fresh process loads it with ``qlora_lab.streaming.load_quantized`` (NF4 +
+2. A fresh process loads it with ``qlora_lab.finetune.streaming.load_quantized`` (NF4 +
    double quantization, bfloat16 storage, onto the CPU) and reports its
    resident set after the imports, the kernel's high-water mark over the load
    (``VmHWM``, the whole process) and the model's bytes
    (``qlora_lab.support.checkpoints.measure_load``; glibc returns freed blocks
    above 64 KiB to the kernel, as in chapter 03's measurements).
-3. The figures are printed next to ``qlora_lab.streaming.load_memory``'s
+3. The figures are printed next to ``qlora_lab.finetune.streaming.load_memory``'s
    account (4-bit model + one tensor while it is read, cast and quantized),
    and the files are deleted (``--keep`` keeps them).
 """
@@ -78,9 +78,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    from qlora_lab.support.model_config import count_parameters
-    from qlora_lab.streaming import load_memory
+    from qlora_lab.finetune.streaming import load_memory
     from qlora_lab.support.checkpoints import measure_load, write_random_checkpoint
+    from qlora_lab.support.model_config import count_parameters
 
     dtype = DTYPES[args.dtype]
     size = _shared.human_bytes

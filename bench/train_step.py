@@ -40,7 +40,7 @@ the kernel's high-water mark (``VmHWM`` after a reset through
 ``/proc/self/clear_refs``) minus the runtime baseline. glibc is told to hand
 every freed block above 64 KiB back to the kernel (``MALLOC_MMAP_THRESHOLD_``),
 so the resident set follows live tensors; this is chapter 03's method
-(``qlora_lab.support.step_memory.measure_training_step``). "weights" is the bytes of the
+(``qlora_lab.memory.measured_step.measure_training_step``). "weights" is the bytes of the
 model's parameters and buffers (``qlora_lab.qlora.memory_footprint``).
 
 The ratios printed at the end are ours over bitsandbytes': throughput (above
@@ -98,7 +98,7 @@ def _from_pretrained(model_dir: str, dtype: torch.dtype):
 
 
 def _peft_lora(model, r: int, alpha: float):
-    from qlora_lab.backends import peft_lora
+    from qlora_lab.finetune.backends import peft_lora
 
     return peft_lora(model, r, alpha, dropout=0.0, target_modules="all-linear")
 
@@ -117,7 +117,7 @@ def build_qlora_lab(model_dir: str, r: int, alpha: float) -> tuple[torch.nn.Modu
 
 
 def build_bitsandbytes(model_dir: str, r: int, alpha: float) -> tuple[torch.nn.Module, dict]:
-    from qlora_lab.backends import bitsandbytes_qlora_model
+    from qlora_lab.finetune.backends import bitsandbytes_qlora_model
 
     start = time.perf_counter()
     # transformers quantizes while it loads: the two cannot be timed apart
@@ -357,7 +357,7 @@ def estimated_peak(args: argparse.Namespace) -> int:
     """The largest peak that ``qlora_lab.memory.estimate`` predicts for the
     chosen variants (tensor bytes, no runtime)."""
     from qlora_lab import memory
-    from qlora_lab.support.step_memory import MEASUREMENT_SETTINGS
+    from qlora_lab.memory.measured_step import MEASUREMENT_SETTINGS
 
     peaks = []
     for variant in args.variants:

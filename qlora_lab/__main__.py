@@ -9,9 +9,9 @@ r"""``python -m qlora_lab finetune``: the course's finale as a command.
         --set gradient_accumulation_steps=2 --set batch_size=4   # the 2 processes share each step's micro-batches
 
 Settings of a preset can be changed with ``--max-steps``, ``--model``, ``--data``, ``--backend`` or
-``--set name=value`` (any field of ``qlora_lab.recipe.TrainConfig``). ``--backend`` chooses who builds
+``--set name=value`` (any field of ``qlora_lab.finetune.recipe.TrainConfig``). ``--backend`` chooses who builds
 the model: ``bitsandbytes`` (transformers + bitsandbytes + peft, the default on CUDA) or ``qlora_lab``
-(the course's layers, the default on a CPU); see ``qlora_lab.backends``.
+(the course's layers, the default on a CPU); see ``qlora_lab.finetune.backends``.
 """
 
 from __future__ import annotations
@@ -42,7 +42,7 @@ def _parse_value(text: str, current):
 
 
 def resolve_config(args) -> "TrainConfig":  # noqa: F821
-    from qlora_lab.recipe import PRESETS, TrainConfig, preset, renamed_hint
+    from qlora_lab.finetune.recipe import PRESETS, TrainConfig, preset, renamed_hint
 
     defaults = PRESETS[args.preset]
     overrides = {}
@@ -75,9 +75,9 @@ def _device_type(config) -> str:
 
 
 def memory_estimate_text(config, device_type: str = "cuda") -> str:
-    """The memory estimate of chapter 03 for this run (:func:`qlora_lab.backends.run_estimate`)."""
+    """The memory estimate of chapter 03 for this run (:func:`qlora_lab.finetune.backends.run_estimate`)."""
     from qlora_lab import memory
-    from qlora_lab.backends import model_config_source, run_estimate
+    from qlora_lab.finetune.backends import model_config_source, run_estimate
 
     try:
         breakdown = run_estimate(config, device_type)
@@ -96,7 +96,7 @@ def memory_estimate_text(config, device_type: str = "cuda") -> str:
 def memory_plan_text(config, device_type: str = "cuda") -> str:
     """The dry run's table: for each backend, the GPU estimate, the host memory
     of the load, and which common GPUs the estimate fits."""
-    from qlora_lab.backends import COMMON_GPUS_GB, HOST_RUNTIME_BYTES, memory_plan
+    from qlora_lab.finetune.backends import COMMON_GPUS_GB, HOST_RUNTIME_BYTES, memory_plan
 
     try:
         rows = memory_plan(config, device_type)
@@ -118,7 +118,7 @@ def memory_plan_text(config, device_type: str = "cuda") -> str:
 
 
 def finetune(args) -> int:
-    from qlora_lab.train import resolve_device, train
+    from qlora_lab.finetune.train import resolve_device, train
 
     config = resolve_config(args)
     if args.dry_run:
@@ -136,7 +136,7 @@ def finetune(args) -> int:
 
         torch.cuda.reset_peak_memory_stats()
     if args.fsdp:
-        from qlora_lab.fsdp import train_fsdp
+        from qlora_lab.beyond.fsdp import train_fsdp
 
         result = train_fsdp(config, args.out, resume=args.resume, progress=args.progress,
                             dist_backend=args.dist_backend)
@@ -168,7 +168,7 @@ def _is_rank0() -> bool:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from qlora_lab.recipe import PRESETS
+    from qlora_lab.finetune.recipe import PRESETS
 
     parser = argparse.ArgumentParser(prog="python -m qlora_lab", description="qlora-lab commands")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -196,7 +196,7 @@ def build_parser() -> argparse.ArgumentParser:
                     help="with --fsdp: the process-group backend (auto: nccl on CUDA GPUs, gloo on CPUs)")
     ft.add_argument("--report-memory", action="store_true", dest="report_memory",
                     help="on a GPU: print the peak memory against the estimate at the end")
-    from qlora_lab.smoke import add_arguments
+    from qlora_lab.runs.smoke import add_arguments
 
     add_arguments(commands.add_parser("gpu-smoke", help="both backends for a few steps on the GPU, side by side"))
     ex = commands.add_parser("experiments", help="QLoRA vs 16-bit LoRA on SmolLM2, longer than CI allows")
@@ -239,7 +239,7 @@ def add_after_finetuning_commands(commands) -> None:
 
 
 def chat(args) -> int:
-    from qlora_lab.chat import chat_loop, load_with_adapter, reply
+    from qlora_lab.after.chat import chat_loop, load_with_adapter, reply
 
     model, tokenizer = load_with_adapter(args.adapter, args.model, quantize=args.quantize)
     if args.prompt is not None:
@@ -253,7 +253,7 @@ def chat(args) -> int:
 def export(args) -> int:
     import torch
 
-    from qlora_lab.export import export as run_export
+    from qlora_lab.after.export import export as run_export
 
     dtypes = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
     if args.dtype is not None and args.dtype not in dtypes:
@@ -265,7 +265,7 @@ def export(args) -> int:
 
 
 def after_finetuning(args) -> int:
-    from qlora_lab.after_finetuning import run
+    from qlora_lab.runs.after_finetuning import run
 
     summary = run(steps=args.steps, out_dir=args.out, retrain=args.retrain, per_task=args.per_task,
                   parts=tuple(args.parts.split(",")))
@@ -277,7 +277,7 @@ def after_finetuning(args) -> int:
 
 
 def experiments(args) -> int:
-    from qlora_lab.experiments import run
+    from qlora_lab.runs.experiments import run
     from qlora_lab.support.resources import EXPERIMENT_RESULTS
 
     summary = run(steps=args.steps, out_dir=args.out, results=args.results or EXPERIMENT_RESULTS, per_task=args.per_task)
@@ -297,7 +297,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.command in ("chat", "export", "after-finetuning"):
             return {"chat": chat, "export": export, "after-finetuning": after_finetuning}[args.command](args)
         if args.command == "gpu-smoke":
-            from qlora_lab.smoke import run_from_args
+            from qlora_lab.runs.smoke import run_from_args
 
             return run_from_args(args)
     except (ValueError, OSError, RuntimeError) as err:  # OSError: a missing file, an existing run, a full disk

@@ -36,9 +36,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from qlora_lab import nf4
-from qlora_lab.blockwise import NestedState, QuantState
 from qlora_lab.fast import nf4 as fast_nf4
+from qlora_lab.quant import nf4
+from qlora_lab.quant.blockwise import NestedState, QuantState
 from qlora_lab.support.modules import replace_module
 
 __all__ = [
@@ -85,7 +85,7 @@ class DequantizeLinear(torch.autograd.Function):
     dequantizes again and skips the weight gradient).
 
     Eagerly, the weight is dequantized by :func:`qlora_lab.fast.nf4.dequantize_4bit`;
-    under ``torch.compile`` the readable :func:`qlora_lab.nf4.dequantize_4bit`
+    under ``torch.compile`` the readable :func:`qlora_lab.quant.nf4.dequantize_4bit`
     is traced instead (the fast one uses numpy and Python threads, which the
     compiler cannot trace). Both give the same bits.
     """
@@ -168,7 +168,7 @@ class LinearNF4(nn.Module):
 
     @property
     def quant_state(self) -> QuantState:
-        """The weight's :class:`qlora_lab.nf4.QuantState`, built from the buffers
+        """The weight's :class:`qlora_lab.quant.nf4.QuantState`, built from the buffers
         (so it follows the layer through ``.to(device)``)."""
         common = dict(shape=torch.Size((self.out_features, self.in_features)), dtype=self.weight_dtype,
                       blocksize=self.blocksize, quant_type=self.quant_type, code=self.code)

@@ -35,7 +35,7 @@ def small_data(tmp_path_factory):
     training runs in tests/test_train.py and tests/test_backends.py."""
     import json
 
-    from qlora_lab import data as data_lib
+    from qlora_lab.finetune import data as data_lib
 
     splits = data_lib.load_dataset(splits=("train", "validation"))
     directory = tmp_path_factory.mktemp("data")

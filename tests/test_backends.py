@@ -1,4 +1,4 @@
-"""The two backends of `finetune` (qlora_lab.backends): the course's layers and
+"""The two backends of `finetune` (qlora_lab.finetune.backends): the course's layers and
 transformers + bitsandbytes + peft train to the same losses on the CPU, their
 adapters load in stock peft, bad settings are explained; the dry run's table;
 the GPU smoke test as far as a CPU can run it."""
@@ -15,10 +15,10 @@ import torch
 from safetensors.torch import load_file
 
 import qlora_lab  # noqa: F401  (before bitsandbytes)
-from qlora_lab import smoke
 from qlora_lab.__main__ import main
-from qlora_lab.backends import resolve_backend
-from qlora_lab.train import TrainConfig, build_optimizer, preset, train
+from qlora_lab.finetune.backends import resolve_backend
+from qlora_lab.finetune.train import TrainConfig, build_optimizer, preset, train
+from qlora_lab.runs import smoke
 
 BACKENDS = ("qlora_lab", "bitsandbytes")
 

@@ -17,8 +17,8 @@ import torch
 
 import qlora_lab  # noqa: F401  (before bitsandbytes)
 from qlora_lab.models import tiny_llama
-from qlora_lab.nf4 import quantize_4bit
 from qlora_lab.qlora import LinearNF4
+from qlora_lab.quant.nf4 import quantize_4bit
 
 BENCH = Path(__file__).resolve().parents[1] / "bench"
 
@@ -207,7 +207,7 @@ def test_train_step_measures_all_three_variants(tiny_run):
     # Same LoRA shapes (r=16 on the 14 block layers), same NF4 bytes: before
     # any update (B = 0) the two QLoRA models compute the same loss, up to the
     # few double-quantization constants that bitsandbytes' CPU lookup table
-    # rounds differently (see qlora_lab.double_quant).
+    # rounds differently (see qlora_lab.quant.double_quant).
     lora = count_parameters(read_model_config(dict(TINY_CONFIG))).lora(16)
     assert ours["trainable_parameters"] == theirs["trainable_parameters"] == lora
     # Modelling tolerance: those constants move tiny-llama's loss by ~1e-6 relative (test_backends); 1e-3 of ~6.

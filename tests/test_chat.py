@@ -1,6 +1,6 @@
 """Chapter 08, part 1: chatting with base + adapter, and switching adapters on one base.
 
-A tiny Llama with a small BPE tokenizer (qlora_lab.support.tiny_chat_model) stands in
+A tiny Llama with a small BPE tokenizer (qlora_lab.models.tiny) stands in
 for SmolLM2: what is tested (loading, streaming, the session's commands, switching,
 equality with peft) does not depend on the model's size.
 """
@@ -13,10 +13,10 @@ import pytest
 import torch
 
 from qlora_lab import __main__ as cli
-from qlora_lab.chat import AdapterSet, generation_speed, load_with_adapter, reply, chat_loop
+from qlora_lab.after.chat import AdapterSet, generation_speed, load_with_adapter, reply, chat_loop
 from qlora_lab.lora import lora_modules
 from qlora_lab.models import load_model
-from qlora_lab.support.tiny_chat_model import write_tiny_adapter, write_tiny_chat_model
+from qlora_lab.models.tiny import write_tiny_adapter, write_tiny_chat_model
 
 
 @pytest.fixture(scope="module")
@@ -118,7 +118,7 @@ def test_adapter_set_equals_peft_multi_adapter(tiny_dir, adapters):
 def test_adapter_for_another_base_is_refused(tiny_dir, adapters, tmp_path, capsys):
     other_dir = tmp_path / "other"
     from qlora_lab.models import tiny_llama
-    from qlora_lab.support.tiny_chat_model import tiny_chat_tokenizer
+    from qlora_lab.models.tiny import tiny_chat_tokenizer
 
     tokenizer = tiny_chat_tokenizer()
     tiny_llama(vocab_size=len(tokenizer), hidden_size=64).save_pretrained(other_dir)

@@ -1,4 +1,4 @@
-"""qlora_lab.data: validation errors with line numbers, response-only labels on the
+"""qlora_lab.finetune.data: validation errors with line numbers, response-only labels on the
 real SmolLM2 tokenizer, truncation, group-by-length (equal to transformers'),
 padding, and the data set's deterministic generation (the scorer: tests/test_evaluate.py)."""
 
@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from qlora_lab import data, evaluate
+from qlora_lab.finetune import data, evaluate
 
 DATASET = data.COURSE_DATASET_DIR
 

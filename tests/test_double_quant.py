@@ -1,11 +1,11 @@
-"""qlora_lab.double_quant against bitsandbytes 0.50.2 on CPU
+"""qlora_lab.quant.double_quant against bitsandbytes 0.50.2 on CPU
 (quantize_4bit(..., compress_statistics=True))."""
 
 import pytest
 import torch
 
-from qlora_lab import blockwise, nf4
-from qlora_lab import double_quant as dq
+from qlora_lab.quant import blockwise, nf4
+from qlora_lab.quant import double_quant as dq
 
 import bitsandbytes.functional as bnbf  # noqa: E402  (after qlora_lab)
 
@@ -242,4 +242,4 @@ def test_double_quant_has_no_import_cycle_with_nf4():
     imported |= {alias.name for node in ast.walk(tree) if isinstance(node, ast.Import) for alias in node.names}
     imported |= {f"qlora_lab.{alias.name}" for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)
                  and node.module == "qlora_lab" for alias in node.names}
-    assert "qlora_lab.nf4" not in imported and "qlora_lab.blockwise" in imported
+    assert "qlora_lab.quant.nf4" not in imported and "qlora_lab.quant.blockwise" in imported

@@ -4,8 +4,8 @@ import math
 import pytest
 import torch
 
-from qlora_lab import evaluate
-from qlora_lab.evaluate import course_eval_text, negative_log_likelihood, perplexity
+from qlora_lab.finetune import evaluate
+from qlora_lab.finetune.evaluate import course_eval_text, negative_log_likelihood, perplexity
 
 EVAL_TEXT_SHA256 = "27ddc4d7761fc22fb63aea88c49a2d0425dbd4d351481cbe363ad72261756790"
 
@@ -171,11 +171,11 @@ def test_train_and_experiments_measure_with_this_module_and_nothing_shadows_it()
     import ast
     from pathlib import Path
 
-    package = Path(evaluate.__file__).parent
-    for module in ("train.py", "experiments.py"):
+    package = Path(evaluate.__file__).parents[1]
+    for module in ("finetune/train.py", "runs/experiments.py"):
         tree = ast.parse((package / module).read_text())
         imported = {a.asname or a.name for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)
-                    and n.module == "qlora_lab" for a in n.names}
+                    and n.module == "qlora_lab.finetune" for a in n.names}
         assert "evaluate" in imported, module
     for path in package.rglob("*.py"):
         for node in ast.walk(ast.parse(path.read_text())):

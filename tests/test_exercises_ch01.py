@@ -5,8 +5,8 @@ import struct
 
 import torch
 
-from qlora_lab import int8
 from qlora_lab.exercises import ch01
+from qlora_lab.quant import int8
 
 from exercise_feedback import assert_bugs_are_feedback
 

@@ -1,8 +1,8 @@
 import torch
 from scipy.stats import norm
 
-from qlora_lab import nf4
 from qlora_lab.exercises import ch02
+from qlora_lab.quant import nf4
 
 from exercise_feedback import assert_bugs_are_feedback
 

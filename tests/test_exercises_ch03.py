@@ -4,8 +4,8 @@ treat a skeleton as "not attempted yet" without raising."""
 import pytest
 import torch
 
-from qlora_lab.double_quant import dynamic_map
 from qlora_lab.exercises import ch03
+from qlora_lab.quant.double_quant import dynamic_map
 
 from exercise_feedback import assert_bugs_are_feedback
 

@@ -1,5 +1,5 @@
 from qlora_lab.exercises import ch05
-from qlora_lab.nf4 import dequantize_4bit
+from qlora_lab.quant.nf4 import dequantize_4bit
 
 from exercise_feedback import assert_bugs_are_feedback
 

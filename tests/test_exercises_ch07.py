@@ -3,8 +3,8 @@ treat a skeleton as "not attempted yet" without raising."""
 
 import pytest
 
-from qlora_lab import data as data_lib
 from qlora_lab.exercises import ch07
+from qlora_lab.finetune import data as data_lib
 
 from exercise_feedback import assert_bugs_are_feedback
 

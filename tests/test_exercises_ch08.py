@@ -5,7 +5,7 @@ import numpy as np
 import torch
 
 from qlora_lab.exercises import ch08
-from qlora_lab.nf4 import quantize_4bit
+from qlora_lab.quant.nf4 import quantize_4bit
 
 
 def skeleton(*args):

@@ -1,7 +1,7 @@
 import torch
 
 from qlora_lab.exercises import ch09
-from qlora_lab.nf4 import dequantize_4bit, quantize_4bit
+from qlora_lab.quant.nf4 import dequantize_4bit, quantize_4bit
 
 
 def not_attempted(*args):

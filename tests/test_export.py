@@ -11,13 +11,13 @@ import pytest
 import torch
 
 from qlora_lab import __main__ as cli
-from qlora_lab.chat import load_with_adapter
-from qlora_lab.export import dequantize_model, export, merge_into_4bit, merged_model
+from qlora_lab.after.chat import load_with_adapter
+from qlora_lab.after.export import dequantize_model, export, merge_into_4bit, merged_model
+from qlora_lab.after.gguf import load_gguf, permute_for_rope
 from qlora_lab.lora import lora_modules
 from qlora_lab.models import load_model
+from qlora_lab.models.tiny import write_tiny_adapter, write_tiny_chat_model
 from qlora_lab.qlora import LinearNF4, quantize_model
-from qlora_lab.support.gguf_file import load_gguf, permute_for_rope
-from qlora_lab.support.tiny_chat_model import write_tiny_adapter, write_tiny_chat_model
 
 IDS = torch.tensor([[5, 17, 40, 3, 99, 120, 7, 250, 11, 2, 64, 300]])
 
@@ -157,7 +157,7 @@ def test_unknown_format_and_type(adapter, tmp_path, capsys):
 
 def test_adapter_for_another_base_and_base_without_tokenizer(tiny_dir, adapter, tmp_path, capsys):
     from qlora_lab.models import tiny_llama
-    from qlora_lab.support.tiny_chat_model import tiny_chat_tokenizer
+    from qlora_lab.models.tiny import tiny_chat_tokenizer
 
     other = tmp_path / "other"
     tokenizer = tiny_chat_tokenizer()

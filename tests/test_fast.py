@@ -85,14 +85,14 @@ def test_a_batch_without_labels_is_refused(tiny):
 
 # --------------------------------------------------------------------------- #
 # 4-bit quantization: qlora_lab.fast.nearest, .decode and .nf4 against the
-# readable definitions in qlora_lab.blockwise and qlora_lab.nf4, bit for bit
+# readable definitions in qlora_lab.quant.blockwise and qlora_lab.quant.nf4, bit for bit
 # --------------------------------------------------------------------------- #
 import threading  # noqa: E402
 
-from qlora_lab import blockwise, nf4  # noqa: E402
 from qlora_lab.fast import decode as fast_decode  # noqa: E402
 from qlora_lab.fast import nf4 as fast_nf4  # noqa: E402
 from qlora_lab.fast.nearest import nearest_code_table  # noqa: E402
+from qlora_lab.quant import blockwise, nf4  # noqa: E402
 
 CODES = {"nf4": nf4.normal_float_code(4), "fp4": nf4.fp4_code(), "int4": nf4.int4_code(),
          "nf3": nf4.normal_float_code(3), "nf2": nf4.normal_float_code(2),
@@ -272,8 +272,8 @@ def test_byte_pair_table_holds_both_nibbles():
 
 @pytest.mark.parametrize("dtype", FLOATS, ids=str)
 def test_fake_quantization_round_trip_equals_the_definitions(dtype):
-    """qlora_lab.fake_quant runs the fast path; it must give the definitions' values."""
-    from qlora_lab import fake_quant
+    """qlora_lab.quant.fake_quant runs the fast path; it must give the definitions' values."""
+    from qlora_lab.quant import fake_quant
 
     for x in awkward_tensors(dtype):
         x = x.to(dtype)

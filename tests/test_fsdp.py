@@ -21,11 +21,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from qlora_lab import fsdp
+from qlora_lab.beyond import fsdp
+from qlora_lab.beyond import distributed
+from qlora_lab.finetune.train import preset, train
 from qlora_lab.models import load_model, tiny_llama
 from qlora_lab.qlora import quantize_model
-from qlora_lab.support import distributed
-from qlora_lab.train import preset, train
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY_HIDDEN = inspect.signature(tiny_llama).parameters["hidden_size"].default

@@ -3,16 +3,16 @@ quantizers and the CLI's ``--set``.
 
 Every generated case must end in one of two ways: a correct result, or a clear
 ``ValueError``/``TypeError`` that names what was wrong (for data files
-:class:`qlora_lab.data.DataFormatError`, naming the file and the line) --
+:class:`qlora_lab.finetune.data.DataFormatError`, naming the file and the line) --
 never an obscure exception from deep inside.
 
-* **Data** (:func:`qlora_lab.data.load_jsonl`, ``validate_record``,
+* **Data** (:func:`qlora_lab.finetune.data.load_jsonl`, ``validate_record``,
   ``validate_messages``): files mixing valid records with malformed JSON,
   missing or wrong roles, empty contents, wrong types, non-UTF-8 bytes, blank
   lines, BOMs, huge and deeply nested lines. Valid records load back equal.
-* **Quantizers** (:mod:`qlora_lab.nf4`, :mod:`qlora_lab.fast.nf4`,
-  :mod:`qlora_lab.blockwise`, :mod:`qlora_lab.double_quant`,
-  :mod:`qlora_lab.int8`): ``dequantize(quantize(x))`` is within the data
+* **Quantizers** (:mod:`qlora_lab.quant.nf4`, :mod:`qlora_lab.fast.nf4`,
+  :mod:`qlora_lab.quant.blockwise`, :mod:`qlora_lab.quant.double_quant`,
+  :mod:`qlora_lab.quant.int8`): ``dequantize(quantize(x))`` is within the data
   type's worst-case rounding, derived from its code: for a value scaled into
   [-1, 1] the nearest code value is at most ``W = max(half the largest gap
   between neighbouring code values, distance from -1 and from 1 to the
@@ -47,11 +47,12 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from qlora_lab import blockwise, data, int8, nf4
-from qlora_lab import double_quant as dq
 from qlora_lab.__main__ import build_parser, main, resolve_config
 from qlora_lab.fast import nf4 as fast_nf4
-from qlora_lab.recipe import PRESETS, TrainConfig
+from qlora_lab.finetune import data
+from qlora_lab.finetune.recipe import PRESETS, TrainConfig
+from qlora_lab.quant import blockwise, int8, nf4
+from qlora_lab.quant import double_quant as dq
 
 CASES: collections.Counter[str] = collections.Counter()
 

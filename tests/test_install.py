@@ -23,7 +23,7 @@ import sys
 import sysconfig
 from pathlib import Path
 
-from qlora_lab import data, evaluate
+from qlora_lab.finetune import data, evaluate
 from qlora_lab.support import resources
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -32,7 +32,7 @@ CHECK = """
 import json, sys
 from pathlib import Path
 import qlora_lab
-from qlora_lab import data, evaluate
+from qlora_lab.finetune import data, evaluate
 from qlora_lab.support import resources
 splits = data.load_dataset()
 print(json.dumps({

@@ -1,4 +1,4 @@
-"""Tests for qlora_lab.int8: the seminar's worked examples, error bounds derived
+"""Tests for qlora_lab.quant.int8: the seminar's worked examples, error bounds derived
 from the formulas, the zero-point matmul identity, and bit-for-bit agreement with
 bitsandbytes' LLM.int8() kernels on CPU."""
 
@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import qlora_lab  # noqa: F401  (before bitsandbytes)
-from qlora_lab import int8
+from qlora_lab.quant import int8
 from qlora_lab.support.checks import assert_close_to_rounding
 
 import bitsandbytes as bnb  # noqa: E402

@@ -1,4 +1,4 @@
-"""qlora_lab.judge: verdicts in both orders, order bias, agreement with exact
+"""qlora_lab.finetune.judge: verdicts in both orders, order bias, agreement with exact
 match, and Elo over random orderings of the games."""
 
 import types
@@ -6,7 +6,7 @@ import types
 import pytest
 import torch
 
-from qlora_lab import judge as J
+from qlora_lab.finetune import judge as J
 
 
 def V(q, first, second, p):
@@ -123,8 +123,8 @@ def test_judge_reads_the_letters_and_judges_every_pair_in_both_orders():
 
 
 def test_held_out_questions_are_balanced_and_from_the_test_split():
-    from qlora_lab import data
-    from qlora_lab.rank_and_judge import held_out_questions
+    from qlora_lab.finetune import data
+    from qlora_lab.runs.rank_and_judge import held_out_questions
 
     test = data.load_dataset(splits=("test",))["test"]
     questions = held_out_questions(test, scored_per_task=2, chat=3)

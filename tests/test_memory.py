@@ -12,9 +12,11 @@ import pytest
 import torch
 
 import qlora_lab  # noqa: F401  (before bitsandbytes)
-from qlora_lab import activations, memory, memory_report
+from qlora_lab import memory
+from qlora_lab.memory import activations, report
 from qlora_lab.memory import GB, estimate
-from qlora_lab.support import model_config, step_memory
+from qlora_lab.memory import measured_step
+from qlora_lab.support import model_config
 
 matplotlib.use("Agg")
 
@@ -206,7 +208,7 @@ def test_qlora_33b_fits_a_24gb_consumer_gpu():
 def test_table6_memory_column_within_15_percent_like_with_like():
     """The column is the deployed model (see the module docstring): weights,
     adapters and the key/value cache of the full 2048-token context."""
-    rows = memory_report.paper_comparison()
+    rows = report.paper_comparison()
     assert len(rows) == 6
     for row in rows:
         assert abs(row["deployment_vs_paper"]) < 0.15, row
@@ -271,13 +273,13 @@ def test_table_prints_every_component_in_gb():
     for word in (*memory.MemoryEstimate.COMPONENTS, "total", "GB", "llama-7b", "r=64"):
         assert word in text
     assert "6.12 GB" in text
-    assert memory_report.estimates_table([estimate("llama-7b", m) for m in memory.METHODS]).count("\n") == 3
+    assert report.estimates_table([estimate("llama-7b", m) for m in memory.METHODS]).count("\n") == 3
 
 
 def test_the_chart_has_every_bar_and_gpu_line():
     import matplotlib.pyplot as plt
 
-    fig = memory_report.plot_breakdown()
+    fig = report.plot_breakdown()
     ax = fig.axes[0]
     assert len(ax.patches) == 4 * 3 * 5
     levels = sorted(line.get_ydata()[0] for line in ax.get_lines())
@@ -310,7 +312,7 @@ def test_unknown_method_lists_the_valid_ones():
     with pytest.raises(ValueError, match="full16, lora16, qlora"):
         estimate("llama-7b", "qlora4")
     with pytest.raises(ValueError, match="full16, lora16, qlora"):
-        step_memory.measure_training_step("int8")
+        measured_step.measure_training_step("int8")
 
 
 @pytest.mark.parametrize("argument", ["seq_len", "batch", "lora_r"])
@@ -330,7 +332,7 @@ def test_bad_options_are_refused():
     with pytest.raises(ValueError, match="bits"):
         memory.deployment_footprint("llama-7b", bits=8)
     with pytest.raises(ValueError, match="package.module:function"):
-        step_memory.measure_training_step("qlora", builder="no_colon_here")
+        measured_step.measure_training_step("qlora", builder="no_colon_here")
 
 
 # --------------------------------------------------------------------------- #

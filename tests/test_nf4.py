@@ -1,4 +1,4 @@
-"""qlora_lab.nf4 against bitsandbytes 0.50.2 on CPU: data types, packed bytes,
+"""qlora_lab.quant.nf4 against bitsandbytes 0.50.2 on CPU: data types, packed bytes,
 absmax and dequantized values, bit for bit (torch.equal)."""
 
 import math
@@ -6,8 +6,8 @@ import math
 import pytest
 import torch
 
-from qlora_lab import fake_quant, nf4
 from qlora_lab.fast import nf4 as fast_nf4
+from qlora_lab.quant import fake_quant, nf4
 
 import bitsandbytes.functional as bnbf  # noqa: E402  (after qlora_lab, see CONTRIBUTING)
 from bitsandbytes.backends.cpu import ops as bnb_cpu_ops  # noqa: E402
@@ -105,7 +105,7 @@ def test_quantizing_does_not_import_scipy():
     import subprocess
     import sys
 
-    code = ("import sys, torch, qlora_lab.nf4 as n; n.quantize_4bit(torch.randn(128)); "
+    code = ("import sys, torch, qlora_lab.quant.nf4 as n; n.quantize_4bit(torch.randn(128)); "
             "print('scipy' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "False"

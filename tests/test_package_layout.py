@@ -12,6 +12,7 @@
 
 import ast
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -207,3 +208,73 @@ def test_contributing_names_every_module():
         if f" {path.name} " not in tree:
             missing.append(str(path.relative_to(ROOT)))
     assert not missing, f"CONTRIBUTING.md's tree does not name {missing}; add a line for each"
+
+
+def notebook_imports(path: Path, modules: dict[str, Path]) -> set[str]:
+    """The package's modules a notebook imports, named below ``qlora_lab.`` (``quant.nf4``,
+    ``memory``): ``from qlora_lab.x import y`` counts ``x.y`` when that is a module and ``x``
+    otherwise. The package root and the exercise checkers are left out."""
+    found = set()
+    for node in ast.walk(ast.parse(notebook_code(path), filename=str(path))):
+        if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("qlora_lab"):
+            names = [f"{node.module}.{alias.name}" for alias in node.names]
+            names = [name if name in modules else node.module for name in names]
+        elif isinstance(node, ast.Import):
+            names = [alias.name for alias in node.names if alias.name.startswith("qlora_lab")]
+        else:
+            continue
+        for name in names:
+            while name not in modules:
+                name = name.rpartition(".")[0]
+            if name != "qlora_lab" and not name.startswith("qlora_lab.exercises"):
+                found.add(name.removeprefix("qlora_lab."))
+    return found
+
+
+def chapter_notebooks() -> list[Path]:
+    return sorted((ROOT / "notebooks").glob("[0-9][0-9]_*.ipynb"))
+
+
+def test_the_readme_chapter_table_names_what_each_notebook_imports():
+    """One map, checked: the README's chapter table lists, for each chapter, exactly the
+    package modules its notebook imports."""
+    rows = {}
+    for line in (ROOT / "README.md").read_text().splitlines():
+        cells = [cell.strip() for cell in line.strip().strip("|").split("|")]
+        if len(cells) >= 3 and cells[0].isdigit() and "](notebooks/" in cells[1]:
+            rows[cells[1].split("](notebooks/")[1].split(")")[0]] = set(re.findall(r"`([\w.]+)`", cells[2]))
+    modules = package_modules()
+    notebooks = chapter_notebooks()
+    assert sorted(rows) == [p.name for p in notebooks], "the README's chapter table needs one row per notebook"
+    wrong = {}
+    for path in notebooks:
+        imported = notebook_imports(path, modules)
+        if rows[path.name] != imported:
+            wrong[path.name] = {"imported, not listed": sorted(imported - rows[path.name]),
+                                "listed, not imported": sorted(rows[path.name] - imported)}
+    assert not wrong, f"the README's chapter table disagrees with the notebooks' imports: {wrong}"
+
+
+def test_no_notebook_imports_plumbing_or_the_command_line():
+    """Chapters teach from chapter modules: ``support`` is plumbing the course does not teach,
+    and ``__main__`` is the command line, which a notebook runs as a learner would."""
+    modules = package_modules()
+    found = {}
+    for path in chapter_notebooks() + sorted((ROOT / "notebooks" / "solutions").glob("*.ipynb")):
+        bad = sorted(m for m in notebook_imports(path, modules) if m.split(".")[0] in ("support", "__main__"))
+        if bad:
+            found[path.name] = bad
+    assert not found, f"notebooks import plumbing or the command line: {found}"
+
+
+def test_every_stage_folder_names_its_chapter_and_reading_order():
+    """Each stage folder's ``__init__`` says which chapter it is and lists every module in it,
+    in the order to read them."""
+    for folder in sorted(p for p in PACKAGE.iterdir() if (p / "__init__.py").is_file()):
+        if folder.name in SET_APART or folder.name in ("datasets",):
+            continue
+        doc = ast.get_docstring(ast.parse((folder / "__init__.py").read_text())) or ""
+        assert re.search(r"chapters? \d\d|appendix|make target", doc), f"{folder.name}/__init__.py names no chapter"
+        for module in sorted(folder.glob("*.py")):
+            if module.name != "__init__.py":
+                assert f":mod:`{module_name(module)}`" in doc, f"{folder.name}/__init__.py does not list {module.name}"

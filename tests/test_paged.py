@@ -1,4 +1,4 @@
-"""Tests of chapter 06 (qlora_lab.device_pool, pager, paged, paged_step): the paged AdamW equals torch.optim.AdamW bit for
+"""Tests of chapter 06 (qlora_lab.paging: device_pool, pager, paged_adamw, simulated_run): the paged AdamW equals torch.optim.AdamW bit for
 bit at any device budget; pages move least recently used first; the counters
 count exactly; a memory spike fails without paging and passes with it."""
 
@@ -10,9 +10,9 @@ import warnings
 import pytest
 import torch
 
-from qlora_lab.device_pool import DeviceOutOfMemoryError, DevicePool, format_size
-from qlora_lab.paged import PagedAdamW, optimizer_state_bytes
-from qlora_lab.paged_step import ActivationMeter, hold_model, parameter_bytes, training_steps
+from qlora_lab.paging.device_pool import DeviceOutOfMemoryError, DevicePool, format_size
+from qlora_lab.paging.paged_adamw import PagedAdamW, optimizer_state_bytes
+from qlora_lab.paging.simulated_run import ActivationMeter, hold_model, parameter_bytes, training_steps
 
 
 def _net(seed: int = 0) -> torch.nn.Module:

@@ -25,8 +25,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from qlora_lab.finetune.train import preset, train
 from qlora_lab.support import resume as resume_lib
-from qlora_lab.train import preset, train
 
 ROOT = Path(__file__).resolve().parent.parent
 KILL_SEED = 27
@@ -91,10 +91,10 @@ def interrupted(small_data, tmp_path_factory) -> Path:
 KILLER = textwrap.dedent("""
     import os, signal, sys
     import torch
-    import qlora_lab.train
+    import qlora_lab.finetune.train
 
     kind, at = sys.argv[1], int(sys.argv[2])
-    real_save, real_train = torch.save, qlora_lab.train.train
+    real_save, real_train = torch.save, qlora_lab.finetune.train.train
 
     def save(obj, path, *args, **kwargs):
         real_save(obj, path, *args, **kwargs)
@@ -106,7 +106,7 @@ KILLER = textwrap.dedent("""
             kwargs["on_step"] = lambda entry: entry["step"] == at and os.kill(os.getpid(), signal.SIGKILL)
         return real_train(*args, **kwargs)
 
-    torch.save, qlora_lab.train.train = save, train
+    torch.save, qlora_lab.finetune.train.train = save, train
     from qlora_lab.__main__ import main
     sys.argv = ["qlora_lab"] + sys.argv[3:]
     sys.exit(main())
@@ -265,7 +265,7 @@ def test_a_damaged_adapter_is_named(reference, tmp_path):
                                          (lambda p: p.write_bytes(b"GGUF\x03\x00\x00\x00" + bytes(8)),
                                           "is not a complete GGUF file")])
 def test_a_damaged_gguf_file_is_named(tmp_path, spoil, said):
-    from qlora_lab.support.gguf_file import load_gguf
+    from qlora_lab.after.gguf import load_gguf
 
     path = tmp_path / "model.gguf"
     spoil(path)

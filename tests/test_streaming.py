@@ -1,4 +1,4 @@
-"""The streaming 4-bit load (qlora_lab.streaming): the same model as loading
+"""The streaming 4-bit load (qlora_lab.finetune.streaming): the same model as loading
 then quantizing, a host peak far below the 16-bit model, clear errors."""
 
 import json
@@ -9,8 +9,8 @@ from safetensors.torch import save_file
 from transformers import AutoModelForCausalLM, LlamaConfig
 
 import qlora_lab  # noqa: F401  (before bitsandbytes)
+from qlora_lab.finetune.streaming import QUANTIZE_TEMPORARY_BYTES, checkpoint_files, load_memory, load_quantized
 from qlora_lab.qlora import LinearNF4, quantize_model
-from qlora_lab.streaming import QUANTIZE_TEMPORARY_BYTES, checkpoint_files, load_memory, load_quantized
 from qlora_lab.support.checkpoints import measure_load, write_random_checkpoint
 
 

@@ -1,11 +1,11 @@
-"""qlora_lab.subspace: the LoRA paper's subspace similarity and amplification factor."""
+"""qlora_lab.lora.subspace: the LoRA paper's subspace similarity and amplification factor."""
 
 import math
 
 import pytest
 import torch
 
-from qlora_lab import subspace
+from qlora_lab.lora import subspace
 
 
 def test_right_singular_vectors_are_orthonormal_and_ordered():

@@ -11,9 +11,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from qlora_lab import data as data_lib
+from qlora_lab.finetune import data as data_lib
+from qlora_lab.finetune.train import TrainConfig, preset, train
 from qlora_lab.support.resume import latest_checkpoint
-from qlora_lab.train import TrainConfig, preset, train
 
 ROOT = Path(__file__).resolve().parent.parent
 

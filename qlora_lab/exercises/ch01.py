@@ -12,8 +12,8 @@ import math
 
 import torch
 
-from qlora_lab import int8
 from qlora_lab.exercises import call_learner, checker
+from qlora_lab.quant import int8
 from qlora_lab.support.checks import summation_tolerance
 
 
@@ -87,7 +87,7 @@ def check_exercise_2(int8_linear) -> bool:
     """``int8_linear(x, w)`` must compute ``x @ w.T`` the LLM.int8() way without
     outliers: int8 codes for every row of ``x`` and every row of ``w`` (absmax, 127
     levels each side), an integer matmul, and one rescale with the outer product of
-    the row absmaxes divided by 127^2. Compared with ``qlora_lab.int8.int8_matmul``
+    the row absmaxes divided by 127^2. Compared with ``qlora_lab.quant.int8.int8_matmul``
     to within the float32 rounding of its sums (their order may differ)."""
     x, w = _exercise_2_data()
     expected = int8.int8_matmul(x, w)

@@ -9,14 +9,14 @@ from __future__ import annotations
 
 import torch
 
-from qlora_lab import nf4
 from qlora_lab.exercises import call_learner, checker
+from qlora_lab.quant import nf4
 
 
 @checker(1)
 def check_exercise_1(my_normal_float_code) -> bool:
     """``my_normal_float_code(bits)`` must return the asymmetric NF-k code
-    (``qlora_lab.nf4.normal_float_code(bits)``) for k = 2, 3, 4: ``2**k`` sorted
+    (``qlora_lab.quant.nf4.normal_float_code(bits)``) for k = 2, 3, 4: ``2**k`` sorted
     values, within 1e-6 of the reference (float64 arithmetic is fine)."""
     for bits in (4, 3, 2):
         expected = nf4.normal_float_code(bits)
@@ -67,7 +67,7 @@ def _cases():
 @checker(2)
 def check_exercise_2(my_dequantize) -> bool:
     """``my_dequantize(packed, absmax, code, blocksize, shape)`` must return the
-    float32 tensor of ``shape`` that ``qlora_lab.nf4.dequantize_4bit`` returns,
+    float32 tensor of ``shape`` that ``qlora_lab.quant.nf4.dequantize_4bit`` returns,
     exactly, for NF4, FP4 and Int4 tensors with full and partial blocks."""
     for packed, state, quant_type in _cases():
         expected = nf4.dequantize_4bit(packed, state)

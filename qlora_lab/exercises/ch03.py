@@ -10,9 +10,9 @@ from __future__ import annotations
 
 import torch
 
-from qlora_lab.double_quant import double_dequantize, double_quantize, dynamic_map, storage_bytes
 from qlora_lab.exercises import call_learner, checker
-from qlora_lab.nf4 import quantize_4bit
+from qlora_lab.quant.double_quant import double_dequantize, double_quantize, dynamic_map, storage_bytes
+from qlora_lab.quant.nf4 import quantize_4bit
 
 
 @checker(1)
@@ -56,7 +56,7 @@ def _cases():
 @checker(2)
 def check_exercise_2(my_double_quantize) -> bool:
     """``my_double_quantize(absmax, blocksize)`` must return ``(codes, nested_absmax,
-    offset)`` as ``qlora_lab.double_quant.double_quantize`` does: ``offset`` the
+    offset)`` as ``qlora_lab.quant.double_quant.double_quantize`` does: ``offset`` the
     mean, one float32 absolute maximum of the centred constants per block, and
     uint8 indices into ``dynamic_map()`` of the nearest value (ties may go
     either way)."""

@@ -9,8 +9,8 @@ from __future__ import annotations
 import torch
 
 from qlora_lab.exercises import call_learner, checker
-from qlora_lab.nf4 import dequantize_4bit, quantize_4bit
 from qlora_lab.qlora import DequantizeLinear, LinearNF4, memory_footprint
+from qlora_lab.quant.nf4 import dequantize_4bit, quantize_4bit
 from qlora_lab.support.checks import summation_tolerance
 
 

@@ -2,7 +2,7 @@
 
 Exercise 1: which optimizer pages the pager evicts when an allocation does not
             fit (least recently used first, pinned pages skipped, just enough,
-            or nothing at all), checked against :class:`qlora_lab.pager.Pager`.
+            or nothing at all), checked against :class:`qlora_lab.paging.pager.Pager`.
 Exercise 2: the bytes of bitsandbytes' 8-bit AdamW state for one parameter,
             checked against ``bitsandbytes.optim.AdamW8bit`` itself.
 """
@@ -11,10 +11,10 @@ from __future__ import annotations
 
 import torch
 
-from qlora_lab.device_pool import DeviceOutOfMemoryError, DevicePool
 from qlora_lab.exercises import call_learner, checker
-from qlora_lab.paged import optimizer_state_bytes
-from qlora_lab.pager import Pager
+from qlora_lab.paging.device_pool import DeviceOutOfMemoryError, DevicePool
+from qlora_lab.paging.paged_adamw import optimizer_state_bytes
+from qlora_lab.paging.pager import Pager
 
 
 # ---------------------------------------------------------------- exercise 1

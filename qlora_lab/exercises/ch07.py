@@ -8,9 +8,9 @@ from __future__ import annotations
 
 import torch
 
-from qlora_lab import data as data_lib
 from qlora_lab.exercises import call_learner, checker
-from qlora_lab.train import constant_schedule_with_warmup
+from qlora_lab.finetune import data as data_lib
+from qlora_lab.finetune.train import constant_schedule_with_warmup
 
 
 @checker(1)
@@ -42,8 +42,8 @@ def check_exercise_1(learning_rate_at) -> bool:
 def check_exercise_2(make_labels, tokenizer) -> bool:
     """``make_labels(input_ids, spans, max_length)`` gets a conversation's token
     ids and the ``[start, end)`` spans of the assistant's tokens
-    (``qlora_lab.data.assistant_spans``) and must return ``(input_ids, labels)``
-    as ``qlora_lab.data.tokenize_conversation`` does: labels equal to the ids
+    (``qlora_lab.finetune.data.assistant_spans``) and must return ``(input_ids, labels)``
+    as ``qlora_lab.finetune.data.tokenize_conversation`` does: labels equal to the ids
     on the spans and -100 elsewhere, both cut to ``max_length``; or None when
     no labelled token is left."""
     records = data_lib.load_jsonl(data_lib.COURSE_DATASET_DIR / "validation.jsonl")

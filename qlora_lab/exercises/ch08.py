@@ -76,7 +76,7 @@ def check_exercise_1(q8_0_roundtrip) -> bool:
 
 
 def _codes(x: torch.Tensor) -> torch.Tensor:
-    from qlora_lab.nf4 import quantize_4bit
+    from qlora_lab.quant.nf4 import quantize_4bit
 
     packed, _ = quantize_4bit(x, blocksize=64, quant_type="nf4")
     packed = packed.reshape(-1)
@@ -93,7 +93,7 @@ def _exercise_2_cases():
 def check_exercise_2(unchanged_codes) -> bool:
     """``unchanged_codes(w0, delta)`` must return the fraction (a float in [0, 1])
     of the 4-bit NF4 codes of ``w0`` (block size 64, no double quantization,
-    ``qlora_lab.nf4.quantize_4bit``) that stay the same when ``w0 + delta`` is
+    ``qlora_lab.quant.nf4.quantize_4bit``) that stay the same when ``w0 + delta`` is
     quantized instead."""
     for w0, delta in _exercise_2_cases():
         expected = (_codes(w0) == _codes(w0 + delta)).double().mean().item()
@@ -118,7 +118,7 @@ def check_exercise_2(unchanged_codes) -> bool:
 
 
 def _packed_equal(w0: torch.Tensor, delta: torch.Tensor) -> float:
-    from qlora_lab.nf4 import quantize_4bit
+    from qlora_lab.quant.nf4 import quantize_4bit
 
     a, _ = quantize_4bit(w0, blocksize=64, quant_type="nf4")
     b, _ = quantize_4bit(w0 + delta, blocksize=64, quant_type="nf4")

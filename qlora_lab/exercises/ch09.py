@@ -8,9 +8,9 @@ from __future__ import annotations
 
 import torch
 
-from qlora_lab.after_qlora import loftq_init
+from qlora_lab.beyond.loftq import loftq_init
 from qlora_lab.exercises import call_learner
-from qlora_lab.nf4 import dequantize_4bit, quantize_4bit
+from qlora_lab.quant.nf4 import dequantize_4bit, quantize_4bit
 
 
 def _shard_bytes(tensor: torch.Tensor, world: int, rank: int) -> int:

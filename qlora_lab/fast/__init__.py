@@ -7,9 +7,9 @@ differs). Read the chapters' modules to learn QLoRA; read these to see what was
 worth optimising on a 2-core CPU, and by how much.
 
 - :mod:`qlora_lab.fast.nf4`: ``quantize_4bit`` and ``dequantize_4bit`` of
-  :mod:`qlora_lab.nf4`, the same bits from the pieces below; the training path
+  :mod:`qlora_lab.quant.nf4`, the same bits from the pieces below; the training path
   (``qlora.LinearNF4``, ``qlora.quantize_model``) runs it eagerly, and so does
-  chapter 02's fake quantization of whole models (``qlora_lab.fake_quant``).
+  chapter 02's fake quantization of whole models (``qlora_lab.quant.fake_quant``).
   It quantizes ``QUANTIZE_CHUNK`` (about a million) values at a time, so that
   its temporaries are 13 MiB that ``malloc`` recycles instead of 208 MiB of
   fresh memory per 4096 x 4096 call (133 ms became 55 ms, same bits).

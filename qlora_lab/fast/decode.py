@@ -1,6 +1,6 @@
 """4-bit dequantization at memory speed.
 
-Reference: :func:`qlora_lab.nf4.dequantize_4bit`, which unpacks the nibbles,
+Reference: :func:`qlora_lab.quant.nf4.dequantize_4bit`, which unpacks the nibbles,
 looks each one up in the code and multiplies by its block's absmax, in
 float32, then rounds once to the output dtype. :func:`decode_packed` returns
 the same values bit for bit.

@@ -1,6 +1,6 @@
 """The nearest code by table look-up instead of binary search.
 
-Reference: :func:`qlora_lab.blockwise.nearest_code` with float32 midpoints
+Reference: :func:`qlora_lab.quant.blockwise.nearest_code` with float32 midpoints
 (bitsandbytes' 4-bit rule), which runs ``torch.bucketize``: a binary search
 per value, on one core.
 
@@ -26,7 +26,7 @@ import sys
 
 import torch
 
-from qlora_lab.blockwise import code_thresholds
+from qlora_lab.quant.blockwise import code_thresholds
 
 
 class NearestCodeTable:

@@ -1,20 +1,20 @@
-""":func:`qlora_lab.nf4.quantize_4bit` and :func:`qlora_lab.nf4.dequantize_4bit`,
+""":func:`qlora_lab.quant.nf4.quantize_4bit` and :func:`qlora_lab.quant.nf4.dequantize_4bit`,
 the same bits, faster: absmax and scaling without padded copies or
 temporaries (:func:`absmax_4bit`, :func:`scale_4bit`), the nearest code by
 table look-up (:mod:`qlora_lab.fast.nearest`) and the byte-pair, threaded
 decode (:mod:`qlora_lab.fast.decode`). Same arguments, same checks, same
-:class:`~qlora_lab.blockwise.QuantState`. The training path
+:class:`~qlora_lab.quant.blockwise.QuantState`. The training path
 (:class:`qlora_lab.qlora.LinearNF4`, :func:`qlora_lab.qlora.quantize_model`)
-and :mod:`qlora_lab.fake_quant` run these."""
+and :mod:`qlora_lab.quant.fake_quant` run these."""
 
 from __future__ import annotations
 
 import torch
 
-from qlora_lab import nf4
-from qlora_lab.blockwise import TINY_ABSMAX, QuantState
 from qlora_lab.fast.decode import decode_packed
 from qlora_lab.fast.nearest import nearest_code_table
+from qlora_lab.quant import nf4
+from qlora_lab.quant.blockwise import TINY_ABSMAX, QuantState
 
 
 # Values quantized per step: a multiple of every block size (up to 4096), so
@@ -30,7 +30,7 @@ QUANTIZE_CHUNK = 1 << 20
 
 def quantize_4bit(x: torch.Tensor, blocksize: int = 64, quant_type: str = "nf4",
                   double_quant: bool = False) -> tuple[torch.Tensor, QuantState]:
-    """:func:`qlora_lab.nf4.quantize_4bit`, with the nearest code found by
+    """:func:`qlora_lab.quant.nf4.quantize_4bit`, with the nearest code found by
     :class:`~qlora_lab.fast.nearest.NearestCodeTable`, ``QUANTIZE_CHUNK``
     values at a time."""
     nf4.check_quantize_4bit_arguments(x, blocksize, quant_type, double_quant)
@@ -53,14 +53,14 @@ def quantize_4bit(x: torch.Tensor, blocksize: int = 64, quant_type: str = "nf4",
 
 
 def dequantize_4bit(packed: torch.Tensor, state: QuantState) -> torch.Tensor:
-    """:func:`qlora_lab.nf4.dequantize_4bit` by :func:`~qlora_lab.fast.decode.decode_packed`."""
+    """:func:`qlora_lab.quant.nf4.dequantize_4bit` by :func:`~qlora_lab.fast.decode.decode_packed`."""
     nf4.check_dequantize_4bit_arguments(packed, state)
     return decode_packed(packed, state.block_absmax(), state.code, state.blocksize, state.numel,
                          state.dtype).view(state.shape)
 
 
 def absmax_4bit(x: torch.Tensor, blocksize: int) -> torch.Tensor:
-    """:func:`qlora_lab.nf4.absmax_4bit`: ``max(largest, -smallest)`` per full
+    """:func:`qlora_lab.quant.nf4.absmax_4bit`: ``max(largest, -smallest)`` per full
     block (two plain reductions, no ``abs()`` temporary and no padded copy),
     the partial last block on its own."""
     flat = x.reshape(-1)
@@ -75,7 +75,7 @@ def absmax_4bit(x: torch.Tensor, blocksize: int) -> torch.Tensor:
 
 
 def scale_4bit(x: torch.Tensor, absmax: torch.Tensor, blocksize: int) -> torch.Tensor:
-    """:func:`qlora_lab.blockwise.scale_blocks` with ``divide_partial_block=True``,
+    """:func:`qlora_lab.quant.blockwise.scale_blocks` with ``divide_partial_block=True``,
     written into one float32 output without a padded copy of ``x``."""
     flat = x.reshape(-1)
     n = flat.numel()

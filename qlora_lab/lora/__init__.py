@@ -13,8 +13,11 @@ Read it in this order; each module is one idea:
    save and we load what peft saves.
 4. :mod:`qlora_lab.lora.counting`: :func:`lora_parameter_count` from a
    config, without building the model (the seminar's GPT-3 example).
+5. :mod:`qlora_lab.lora.subspace`: what rank LoRA needs and what its update
+   does: subspace similarity and amplification of trained adapters (LoRA Sec. 7).
 
-Every public name is importable from ``qlora_lab.lora`` directly.
+The public names of 1-4 are importable from ``qlora_lab.lora`` directly;
+the study of 5 is imported as ``from qlora_lab.lora import subspace``.
 """
 
 from qlora_lab.lora.counting import linear_shapes, lora_parameter_count

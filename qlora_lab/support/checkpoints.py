@@ -21,7 +21,7 @@ from typing import Any
 
 import torch
 
-from qlora_lab.streaming import INDEX_NAME, checkpoint_tensors, load_quantized, meta_model
+from qlora_lab.finetune.streaming import INDEX_NAME, checkpoint_tensors, load_quantized, meta_model
 from qlora_lab.support.atomic import atomic_directory
 
 __all__ = ["measure_load", "write_random_checkpoint"]
@@ -122,8 +122,8 @@ def load_worker(spec: dict) -> dict:
     import peft  # noqa: F401
     from transformers import AutoConfig
 
-    from qlora_lab.support.measure import PeakTracker, release_freed_memory
     from qlora_lab.qlora import memory_footprint
+    from qlora_lab.support.measure import PeakTracker, release_freed_memory
 
     if spec["threads"]:
         torch.set_num_threads(spec["threads"])
@@ -138,7 +138,7 @@ def load_worker(spec: dict) -> dict:
             model, _ = load_quantized(spec["path"], dtype=dtype, device=spec["device"], quant_type=spec["quant_type"],
                                       double_quant=spec["double_quant"])
         else:
-            from qlora_lab.backends import bitsandbytes_config
+            from qlora_lab.finetune.backends import bitsandbytes_config
             from qlora_lab.models import load_model
 
             model = load_model(spec["path"], dtype=dtype, with_tokenizer=False, quantization_config=bitsandbytes_config(
@@ -156,7 +156,7 @@ def measure_load(path: str | Path, *, backend: str = "qlora_lab", dtype: torch.d
     :func:`load_quantized`; ``"bitsandbytes"``: transformers with
     ``BitsAndBytesConfig``) in a fresh Python process and measure its host
     memory, as chapter 03 measures a training step
-    (:func:`qlora_lab.support.step_memory.measure_training_step`): the resident set after
+    (:func:`qlora_lab.memory.measured_step.measure_training_step`): the resident set after
     the imports (``runtime_bytes``), the kernel's high-water mark over the
     load (``peak_bytes``, the whole process), the resident set afterwards,
     the model's tensor bytes (``model_bytes``) and the seconds. Adds

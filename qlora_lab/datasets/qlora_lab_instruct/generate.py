@@ -8,7 +8,7 @@ Two kinds of examples, in the chat format of ``tokenizer.apply_chat_template``:
 
 * **Scored format conversions** (``task`` one of :data:`SCORED_TASKS`): a short
   instruction and an input; the assistant's reply is exactly the ``answer`` field,
-  checked by :func:`qlora_lab.evaluate.is_correct` (exact match after the documented
+  checked by :func:`qlora_lab.finetune.evaluate.is_correct` (exact match after the documented
   normalisation). Every gold answer is checked with that same function here, so
   the generator and the scorer cannot disagree.
 * **Open-ended conversations** (``task == "chat"``): explanations, how-to answers,
@@ -39,8 +39,8 @@ sys.path.insert(0, str(HERE.parents[2]))  # the repository root, for qlora_lab
 
 import pool  # noqa: E402
 import pool_tasks  # noqa: E402
-from qlora_lab.data import SCORED_TASKS, validate_record  # noqa: E402
-from qlora_lab.evaluate import is_correct, normalize_answer  # noqa: E402
+from qlora_lab.finetune.data import SCORED_TASKS, validate_record  # noqa: E402
+from qlora_lab.finetune.evaluate import is_correct, normalize_answer  # noqa: E402
 
 SEED = 2023
 # examples per split: scored items per task, and open-ended conversations
@@ -199,7 +199,7 @@ TASK_MAKERS = {
     "extract_fields": make_extract_fields,
     "sort_words": make_sort_words,
 }
-assert tuple(TASK_MAKERS) == SCORED_TASKS, "generator and qlora_lab.data.SCORED_TASKS disagree"
+assert tuple(TASK_MAKERS) == SCORED_TASKS, "generator and qlora_lab.finetune.data.SCORED_TASKS disagree"
 
 
 # --------------------------------------------------------------------------- #

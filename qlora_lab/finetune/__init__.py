@@ -1,0 +1,20 @@
+"""Finetuning with the Guanaco recipe (chapter 07; QLoRA Sec. 5 and Appendix B).
+
+Read it in this order; each module is one idea:
+
+1. :mod:`qlora_lab.finetune.data`: instruction data: load, check, chat
+   template, labels on the answers only, batches.
+2. :mod:`qlora_lab.finetune.recipe`: every setting of a run as one dataclass,
+   and the presets (SmolLM2 on a CPU, LLaMA-7B on a GPU).
+3. :mod:`qlora_lab.finetune.backends`: the model to finetune, built from the
+   course's layers or from bitsandbytes + peft; what a run will need (dry run).
+4. :mod:`qlora_lab.finetune.streaming`: a checkpoint loaded straight into
+   4 bits, one tensor at a time, so a 7B model never exists in 16 bits.
+5. :mod:`qlora_lab.finetune.train`: the training loop: schedule, gradient
+   accumulation, clipping, checkpoints that resume bit for bit.
+6. :mod:`qlora_lab.finetune.evaluate`: perplexity, evaluation loss, exact match.
+7. :mod:`qlora_lab.finetune.judge`: a model as judge and Elo ratings from its
+   verdicts, the paper's chatbot evaluation in miniature.
+
+Import the module you read: ``from qlora_lab.finetune.train import preset, train``.
+"""

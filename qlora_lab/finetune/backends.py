@@ -1,0 +1,440 @@
+"""Two ways to build the model QLoRA finetunes: the course's layers, or the
+libraries practitioners run (chapter 07).
+
+``qlora_lab``
+    The course's own code: NF4 + double quantization by
+    :func:`qlora_lab.quant.nf4.quantize_4bit` into :class:`qlora_lab.qlora.LinearNF4`
+    layers (pure PyTorch: each forward and backward dequantizes the weight),
+    LoRA by :func:`qlora_lab.lora.add_lora`. A checkpoint on disk is loaded by
+    :func:`qlora_lab.finetune.streaming.load_quantized`, one tensor at a time, so the
+    host never holds the 16-bit model. The default on the CPU, where it is also
+    the faster of the two (``bench/train_step.py``).
+``bitsandbytes``
+    What the paper's released ``qlora.py`` runs: transformers quantizes while
+    it loads (``BitsAndBytesConfig``: NF4, double quantization, the compute
+    dtype), peft adds the LoRA adapters, and on CUDA bitsandbytes'
+    ``PagedAdamW32bit`` steps them. Its 4-bit matmuls are bitsandbytes' CUDA
+    kernels. The default on CUDA for a run that loads its model.
+
+Chapter 05 proved that the two compute the same thing: given the same 4-bit
+weights, the logits and every LoRA gradient are identical to the bit. Without
+double quantization the weights themselves are identical (the course's
+``quantize_4bit`` equals bitsandbytes' byte for byte), so a training run gives
+the same losses on both backends; with it, bitsandbytes' CPU kernel picks
+another 8-bit code for about 0.2 % of the block constants (chapter 03), and
+the losses differ slightly (by 1e-6 to 5e-4 of their value, measured).
+``tests/test_backends.py`` checks both statements on tiny-llama and SmolLM2.
+
+For the adapters to start equal, :func:`peft_lora` can draw them as
+:func:`qlora_lab.lora.add_lora` does: peft's rule is the same (A
+Kaiming-uniform with ``a = sqrt(5)``, B zero, chapter 04), but peft first
+builds each ``nn.Linear`` with its own initialisation, which takes other
+numbers from the random stream.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+import tempfile
+from pathlib import Path
+
+import torch
+
+from qlora_lab.support.atomic import atomic_directory
+
+__all__ = [
+    "BACKENDS",
+    "bf16_full_model",
+    "bitsandbytes_config",
+    "bitsandbytes_qlora_model",
+    "build_model",
+    "check_backend",
+    "compute_dtype",
+    "is_peft_model",
+    "load_adapter",
+    "load_host_bytes",
+    "memory_plan",
+    "model_config_source",
+    "peft_lora",
+    "resolve_backend",
+    "run_estimate",
+    "save_adapter",
+]
+
+BACKENDS = ("qlora_lab", "bitsandbytes")
+BITSANDBYTES_QUANT_TYPES = ("nf4", "fp4")
+BITSANDBYTES_BLOCKSIZE = 64
+
+
+# --------------------------------------------------------------------------- #
+# Which backend
+# --------------------------------------------------------------------------- #
+def resolve_backend(name: str, device: torch.device, model_given: bool = False) -> str:
+    """``"auto"``: ``bitsandbytes`` on CUDA when the run loads its model (the
+    production path), ``qlora_lab`` on the CPU or for a model passed in
+    memory (the course's layers quantize it in place). Other names as they are."""
+    if name not in ("auto", *BACKENDS):
+        raise ValueError(f"unknown backend {name!r}; choose auto, {' or '.join(BACKENDS)}")
+    if name != "auto":
+        return name
+    return "bitsandbytes" if torch.device(device).type == "cuda" and not model_given else "qlora_lab"
+
+
+def compute_dtype(config, device: torch.device) -> torch.dtype:
+    """The run's compute dtype: ``config.compute_dtype``, or for ``"auto"``
+    bfloat16 on CUDA and float32 on a CPU (:func:`qlora_lab.qlora.default_compute_dtype`)."""
+    if config.compute_dtype == "auto":
+        from qlora_lab.qlora import default_compute_dtype
+
+        return default_compute_dtype(device)
+    return getattr(torch, config.compute_dtype)
+
+
+def check_backend(config, backend: str) -> None:
+    """A clear error for a setting the backend cannot run."""
+    if backend != "bitsandbytes":
+        return
+    if config.method == "qlora" and config.quant_type not in BITSANDBYTES_QUANT_TYPES:
+        raise ValueError(f"bitsandbytes' 4-bit types are {' and '.join(BITSANDBYTES_QUANT_TYPES)}; quant_type="
+                         f"{config.quant_type!r} is the course's own (chapter 02): use --backend qlora_lab for it")
+    if config.method == "qlora" and config.blocksize != BITSANDBYTES_BLOCKSIZE:
+        raise ValueError(f"transformers' BitsAndBytesConfig quantizes in blocks of {BITSANDBYTES_BLOCKSIZE} and "
+                         f"has no setting for another size; blocksize={config.blocksize} needs --backend qlora_lab")
+    try:
+        import qlora_lab  # noqa: F401  (before bitsandbytes)
+        import bitsandbytes  # noqa: F401
+    except ImportError as err:
+        raise ValueError(f"--backend bitsandbytes needs the bitsandbytes package, which does not import here "
+                         f"({err}); use --backend qlora_lab") from err
+
+
+# --------------------------------------------------------------------------- #
+# The production libraries
+# --------------------------------------------------------------------------- #
+def bitsandbytes_config(quant_type: str = "nf4", double_quant: bool = True,
+                        compute_dtype: torch.dtype = torch.bfloat16):
+    """transformers' ``BitsAndBytesConfig`` for QLoRA (the paper's
+    ``qlora.py``): 4-bit ``quant_type`` weights, double quantization of their
+    constants, matmuls in ``compute_dtype``."""
+    from transformers import BitsAndBytesConfig
+
+    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=quant_type,
+                              bnb_4bit_use_double_quant=double_quant, bnb_4bit_compute_dtype=compute_dtype)
+
+
+def peft_lora(model, r: int, alpha: float, dropout: float = 0.0, target_modules: str | list[str] = "all-linear",
+              *, draw_like_add_lora: bool = False):
+    """peft's LoRA on ``model`` (every other parameter frozen): a
+    ``PeftModel``. With ``draw_like_add_lora`` the adapters are drawn as
+    :func:`qlora_lab.lora.add_lora` draws them from the same random state
+    (see the module docstring), so both backends start from the same adapters."""
+    from peft import LoraConfig, get_peft_model
+    from peft.tuners.lora import LoraLayer
+
+    for p in model.parameters():
+        p.requires_grad_(False)
+    config = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=target_modules, bias="none",
+                        task_type="CAUSAL_LM")
+    if not draw_like_add_lora:
+        return get_peft_model(model, config)
+    cuda = sorted({p.device for p in model.parameters() if p.device.type == "cuda"}, key=str)
+    with torch.random.fork_rng(devices=cuda):
+        peft_model = get_peft_model(model, config)
+    with torch.no_grad():
+        for module in peft_model.modules():
+            if isinstance(module, LoraLayer) and "default" in module.lora_A:
+                torch.nn.init.kaiming_uniform_(module.lora_A["default"].weight, a=math.sqrt(5))
+                torch.nn.init.zeros_(module.lora_B["default"].weight)
+    return peft_model
+
+
+def bitsandbytes_qlora_model(model_dir: str | os.PathLike | None = None, lora_r: int = 64, lora_alpha: float = 16,
+                             compute_dtype: torch.dtype = torch.float32):
+    """The QLoRA model as practitioners build it: the model in ``model_dir``
+    (default: the cached SmolLM2) loaded by transformers in NF4 with double
+    quantization (:func:`bitsandbytes_config`), weights outside the linear
+    layers and compute in ``compute_dtype`` (fp32: the CPU-safe choice),
+    then peft LoRA (no dropout) on every linear layer except the lm_head
+    (:func:`peft_lora`). The reference of chapter 03's measurement and of
+    ``bench/train_step.py``."""
+    from qlora_lab.models import load_model, smollm2_cache_path
+
+    model = load_model(str(model_dir or smollm2_cache_path()), dtype=compute_dtype, with_tokenizer=False,
+                       quantization_config=bitsandbytes_config("nf4", True, compute_dtype))
+    return peft_lora(model, lora_r, lora_alpha)
+
+
+def bf16_full_model(model_dir: str | os.PathLike | None = None, lora_r: int | None = None,
+                    lora_alpha: float | None = None):
+    """The model in ``model_dir`` (default: the cached SmolLM2) in bfloat16,
+    every parameter trainable: full 16-bit finetuning. ``lora_r`` and
+    ``lora_alpha`` are ignored (the builder signature of
+    :func:`qlora_lab.memory.measured_step.measure_training_step`)."""
+    from qlora_lab.models import load_model, smollm2_cache_path
+
+    model = load_model(str(model_dir or smollm2_cache_path()), dtype=torch.bfloat16, with_tokenizer=False)
+    for p in model.parameters():
+        p.requires_grad_(True)
+    return model
+
+
+def is_peft_model(model) -> bool:
+    return hasattr(model, "peft_config") and hasattr(model, "base_model")
+
+
+def _load_bitsandbytes(config, device: torch.device, dtype: torch.dtype, model=None, tokenizer=None):
+    """The base model quantized by transformers while it loads. A model in
+    memory (tiny-llama, or one passed in) is written to a temporary directory
+    first: transformers quantizes only while loading."""
+    from qlora_lab.models import load_model
+
+    quantization = (bitsandbytes_config(config.quant_type, config.double_quant, dtype)
+                    if config.method == "qlora" else None)
+    device_map = {"": device.index if device.index is not None else torch.cuda.current_device()} \
+        if device.type == "cuda" else None
+    # Loading must not move the run's random stream (the adapters are drawn from it next).
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        if model is None and config.model.lower() != "tiny-llama":
+            model, tokenizer = load_model(config.model, dtype=dtype, quantization_config=quantization,
+                                          device_map=device_map)
+        else:
+            if model is None:
+                model, tokenizer = load_model("tiny-llama", dtype=dtype)
+            name = model.name_or_path or config.model
+            with tempfile.TemporaryDirectory(prefix="qlora-lab-bnb-") as tmp:
+                model.save_pretrained(tmp)
+                model = load_model(tmp, dtype=dtype, quantization_config=quantization, device_map=device_map,
+                                   with_tokenizer=False)
+            model.config._name_or_path = name
+    if device.type == "cpu":
+        for name, module in model.named_modules():
+            if not hasattr(module, "support_avx512bf16_for_cpu"):
+                continue
+            if module.in_features % BITSANDBYTES_BLOCKSIZE:
+                raise ValueError(
+                    f"{name} is {module.in_features} wide, not a multiple of {BITSANDBYTES_BLOCKSIZE}: bitsandbytes "
+                    f"0.50.2's CPU kernel dequantizes such a layer wrongly (its rows end inside a block of "
+                    f"{BITSANDBYTES_BLOCKSIZE}). Use --backend qlora_lab on the CPU for this model, or a GPU.")
+            # On CPUs with AVX512-BF16, Linear4bit switches in eval mode to a
+            # bfloat16 kernel that repacks its weight in place. Evaluation then
+            # would not compute what training computes, and would differ
+            # between CPUs: keep the one path.
+            module.support_avx512bf16_for_cpu = False
+    return model, tokenizer
+
+
+# --------------------------------------------------------------------------- #
+# Building the model of a run
+# --------------------------------------------------------------------------- #
+def build_model(config, device: torch.device, backend: str, model=None, tokenizer=None):
+    """Load (unless given), quantize (for ``qlora``), add LoRA adapters and
+    switch on gradient checkpointing, with ``backend``: ``(model, tokenizer)``.
+
+    Everything that is not quantized is stored in the compute dtype (float32
+    on a CPU, bfloat16 in the GPU recipe), as the paper's ``qlora.py`` loads
+    it; adapters are float32 on both backends (peft up-casts them).
+    """
+    from qlora_lab.finetune import data as data_lib
+
+    if model is not None and tokenizer is None:
+        raise ValueError("pass the tokenizer together with the model")
+    check_backend(config, backend)
+    dtype = compute_dtype(config, device)
+    if backend == "bitsandbytes":
+        model, tokenizer = _load_bitsandbytes(config, device, dtype, model, tokenizer)
+        data_lib.ensure_chat_template(tokenizer)
+        model = peft_lora(model, config.r, config.lora_alpha, config.lora_dropout, config.target_modules,
+                          draw_like_add_lora=True)
+    else:
+        model, tokenizer = _build_qlora_lab(config, device, dtype, model, tokenizer)
+    model.config.use_cache = False  # a key/value cache serves generation, not training
+    if config.gradient_checkpointing:
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    return model, tokenizer
+
+
+def _build_qlora_lab(config, device: torch.device, dtype: torch.dtype, model, tokenizer):
+    from qlora_lab.finetune import data as data_lib
+    from qlora_lab.lora import add_lora
+    from qlora_lab.models import checkpoint_directory, load_model
+    from qlora_lab.qlora import quantize_model
+    from qlora_lab.support.loading import quiet_loading
+
+    quantized = False
+    if model is None and config.method == "qlora" and config.model.lower() != "tiny-llama":
+        from transformers import AutoTokenizer
+
+        from qlora_lab.finetune.streaming import load_quantized
+
+        directory = checkpoint_directory(config.model)
+        model, _ = load_quantized(directory, dtype=dtype, device=device, quant_type=config.quant_type,
+                                  double_quant=config.double_quant, blocksize=config.blocksize)
+        with quiet_loading():
+            tokenizer = AutoTokenizer.from_pretrained(directory)
+        quantized = True
+    elif model is None:
+        model, tokenizer = load_model(config.model, dtype=dtype)
+    data_lib.ensure_chat_template(tokenizer)
+    if config.method == "qlora" and not quantized:
+        # Quantize on the device, layer by layer: peak device memory stays near
+        # the 4-bit size (the 16-bit model is only ever on the host).
+        quantize_model(model, quant_type=config.quant_type, double_quant=config.double_quant,
+                       blocksize=config.blocksize, compute_dtype=dtype, device=device)
+    model.to(device)
+    add_lora(model, r=config.r, alpha=config.lora_alpha, dropout=config.lora_dropout,
+             target_modules=config.target_modules)
+    return model, tokenizer
+
+
+# --------------------------------------------------------------------------- #
+# What a run needs: GPU memory (chapter 03's estimate) and host memory to load
+# --------------------------------------------------------------------------- #
+COMMON_GPUS_GB = (16, 24, 40, 48, 80)
+HOST_RUNTIME_BYTES = 450 * 10**6
+"""Resident set of Python with torch (CPU build), transformers, peft and
+bitsandbytes imported, measured on the course's machine; CUDA's libraries
+and context add more on a GPU machine (not measured here)."""
+
+
+def model_config_source(config):
+    """Where the model's config can be read without a download: SmolLM2's
+    cache, a local directory, else ``memory_config`` (a shipped config)."""
+    from qlora_lab.models import SMOLLM2_NAMES, smollm2_cache_path
+
+    if config.model.lower() in SMOLLM2_NAMES:
+        return smollm2_cache_path()
+    if Path(config.model).expanduser().is_dir():
+        return Path(config.model).expanduser()
+    return config.memory_config or config.model
+
+
+def run_estimate(config, device_type: str = "cuda"):
+    """:func:`qlora_lab.memory.estimate` for the run ``config`` describes on
+    ``device_type``: its method, rank, batch, sequence length, checkpointing and
+    dropout; weights and activations in its compute dtype (what is not
+    quantized is stored in it), float32 adapters (both backends keep them so),
+    32-bit Adam states, and the optimizer's scratch memory (none for
+    bitsandbytes' fused paged AdamW, per tensor for torch's on a CPU). The same
+    tensors live on the device whichever backend builds them."""
+    from qlora_lab import memory
+
+    dtype = compute_dtype(config, torch.device(device_type))
+    optimizer = config.optimizer if config.optimizer != "auto" else (
+        "paged_adamw_32bit" if device_type == "cuda" else "adamw")
+    return memory.estimate(
+        model_config_source(config), config.method, lora_r=config.r, seq_len=config.max_length,
+        batch=config.batch_size, gradient_checkpointing=config.gradient_checkpointing, weight_dtype=dtype,
+        compute_dtype=dtype, adapter_dtype=torch.float32, optimizer_state_bytes=8, lora_dropout=config.lora_dropout,
+        optimizer_temporaries="fused" if optimizer == "paged_adamw_32bit" else "per-tensor",
+        blocksize=config.blocksize, double_quant=config.double_quant)
+
+
+def _file_dtype(source) -> torch.dtype:
+    """The dtype the checkpoint stores its weights in: read from the files when
+    they are here, else the config's ``torch_dtype``, else bfloat16."""
+    from qlora_lab.finetune import streaming
+    from qlora_lab.support.model_config import read_model_config
+
+    if isinstance(source, Path):
+        with contextlib.suppress(ValueError, OSError):  # no safetensors here: fall back to the config
+            tensors = streaming.checkpoint_tensors(source)
+            return max(tensors.values(), key=lambda entry: math.prod(entry[1]))[0]
+    named = getattr(read_model_config(source), "dtype", None)
+    return named if isinstance(named, torch.dtype) else getattr(torch, str(named or "bfloat16"), torch.bfloat16)
+
+
+def load_host_bytes(config, backend: str, device_type: str = "cuda") -> int:
+    """Peak host memory of loading the run's model with ``backend`` onto
+    ``device_type``, the runtime (:data:`HOST_RUNTIME_BYTES`) included.
+
+    ``qlora_lab`` (qlora): :func:`qlora_lab.finetune.streaming.load_memory`, one tensor
+    at a time. ``bitsandbytes``: transformers reads the shards through memory
+    maps and keeps them mapped while it loads; measured on the CPU
+    (``tests/test_streaming.py``), every page of the 16-bit checkpoint ends up
+    resident (clean file pages, which the kernel may reclaim, but which count
+    in the process's memory), plus the 4-bit model when the device is the CPU.
+    ``lora16`` on either backend holds the 16-bit model.
+    """
+    from qlora_lab.finetune import streaming
+    from qlora_lab.support.model_config import count_parameters
+
+    source = model_config_source(config)
+    file_dtype = _file_dtype(source)
+    dtype = compute_dtype(config, torch.device(device_type))
+    counts = count_parameters(source)
+    if config.method == "lora16":
+        return HOST_RUNTIME_BYTES + counts.total * max(file_dtype.itemsize, dtype.itemsize)
+    if backend == "qlora_lab":
+        need = streaming.load_memory(source, file_dtype=file_dtype, dtype=dtype, device=device_type,
+                                     blocksize=config.blocksize, double_quant=config.double_quant)
+        return HOST_RUNTIME_BYTES + need.total
+    resident = streaming.load_memory(source, file_dtype=file_dtype, dtype=dtype, device=device_type).resident
+    return HOST_RUNTIME_BYTES + counts.total * file_dtype.itemsize + resident
+
+
+def memory_plan(config, device_type: str = "cuda") -> list[dict]:
+    """For each backend: the GPU estimate (:func:`run_estimate`), the host
+    memory of the load (:func:`load_host_bytes`) and which of
+    :data:`COMMON_GPUS_GB` the estimate fits (chapter 07's rule: the
+    estimate's total within the card's ``size * 2**30`` bytes)."""
+    from qlora_lab import memory
+
+    estimate = run_estimate(config, device_type)
+    default = resolve_backend("auto", torch.device(device_type))
+    rows = []
+    for backend in (default, *[b for b in BACKENDS if b != default]):
+        rows.append({"backend": backend, "default": backend == default, "estimate": estimate,
+                     "host_bytes": load_host_bytes(config, backend, device_type),
+                     "fits": {gb: estimate.total <= memory.gpu_capacity_bytes(gb) for gb in COMMON_GPUS_GB}})
+    return rows
+
+
+# --------------------------------------------------------------------------- #
+# Adapters on disk: peft's format from either backend
+# --------------------------------------------------------------------------- #
+def save_adapter(model, path: str | os.PathLike, *, base_model_name_or_path: str | None = None,
+                 overwrite: bool = False) -> Path:
+    """Write the model's adapters in peft's format (both backends write the
+    same files: ``adapter_config.json`` and ``adapter_model.safetensors``).
+    For a peft model the directory is written all at once; an existing
+    adapter directory is replaced, one holding other files is refused
+    (``overwrite`` only applies to the course's models, which keep them)."""
+    from qlora_lab import lora
+
+    if not is_peft_model(model):
+        return lora.save_adapter(model, path, base_model_name_or_path=base_model_name_or_path, overwrite=overwrite)
+    target = Path(path).expanduser()
+    others = sorted(p.name for p in target.iterdir() if p.name not in lora.ADAPTER_FILES) if target.is_dir() else []
+    if others:
+        raise ValueError(f"{target} holds files that are not part of an adapter ({', '.join(others[:5])}); choose a "
+                         f"new directory (a peft model's adapter replaces its directory as a whole)")
+    if base_model_name_or_path is not None:
+        model.peft_config["default"].base_model_name_or_path = str(base_model_name_or_path)
+    # An existing adapter directory is replaced, as qlora_lab.lora.save_adapter does.
+    with atomic_directory(target, overwrite=target.is_dir()) as staging:
+        # No embedding layers are trained: do not ask the hub whether the base vocabulary changed.
+        model.save_pretrained(staging, safe_serialization=True, save_embedding_layers=False)
+    return target
+
+
+def load_adapter(model, path: str | os.PathLike) -> None:
+    """Load adapter weights saved by :func:`save_adapter` into a model of
+    either backend (resuming a run)."""
+    from qlora_lab import lora
+
+    if not is_peft_model(model):
+        lora.load_adapter(model, path)
+        return
+    from peft import set_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    weights = Path(path) / lora.WEIGHTS_NAME
+    if not weights.is_file():
+        raise FileNotFoundError(f"{path} has no {lora.WEIGHTS_NAME}: the adapter is incomplete")
+    result = set_peft_model_state_dict(model, load_file(str(weights)))
+    unexpected = list(getattr(result, "unexpected_keys", []) or [])
+    missing = [k for k in getattr(result, "missing_keys", []) or [] if "lora_" in k]
+    if unexpected or missing:
+        raise ValueError(f"{weights} does not fit this model: unexpected {unexpected[:3]}, missing {missing[:3]}")

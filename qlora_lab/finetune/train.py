@@ -1,0 +1,315 @@
+"""The Guanaco recipe as a training loop (QLoRA, Sec. 5 and Appendix B).
+
+What one optimizer step does (:func:`train`):
+
+1. ``gradient_accumulation_steps`` micro-batches go forward and backward;
+   each adds its summed token loss divided by the number of labelled tokens
+   in the *whole* accumulated batch, so the step sees the mean loss per
+   labelled token however the batch was split;
+2. the gradient norm of the adapters is clipped to ``max_grad_norm`` (0.3 in
+   the recipe: small, because adapter gradients come in bursts);
+3. the optimizer steps (paged AdamW 32-bit from bitsandbytes on CUDA, as in the
+   paper; on CPU torch's AdamW, or the course's own paged AdamW of chapter 06);
+4. the learning rate follows a constant schedule after a linear warmup.
+
+Around the steps: evaluation (validation loss, and optionally the exact-match
+score of the scored tasks, both from :mod:`qlora_lab.finetune.evaluate`) before
+training, every ``eval_every`` steps and at the end; a checkpoint every
+``save_every`` steps, written all at once (:mod:`qlora_lab.support.resume`), so
+a run that is killed loses at most the steps since its last checkpoint; and
+``resume=True`` continues from the newest checkpoint to the same final
+adapter, bit for bit on CPU, as a run that was never interrupted. That works
+because everything random is either restored (the random number generators,
+saved in the checkpoint) or a pure function of the step (the order of the
+batches, computed from the seed and the epoch: :class:`BatchSchedule`).
+
+The settings come from :mod:`qlora_lab.finetune.recipe` (``train.preset(...)``). The
+same code runs SmolLM2 on a laptop CPU and LLaMA-7B on one GPU: the presets
+differ in numbers, not in code paths, except where the device decides (compute
+dtype, optimizer, and the backend that builds the model: the course's layers
+on a CPU, transformers + bitsandbytes + peft on CUDA; :mod:`qlora_lab.finetune.backends`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import random
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from qlora_lab.fast.loss import causal_lm_loss
+from qlora_lab.finetune import data as data_lib
+from qlora_lab.finetune import evaluate
+from qlora_lab.finetune.recipe import PRESETS, TrainConfig, preset  # the run's settings; train.preset(...) is the usual call
+from qlora_lab.support.resume import ADAPTER_DIR, checkpoints, newest_intact_checkpoint, restore_rng_state, save_checkpoint
+
+__all__ = ["PRESETS", "TrainConfig", "TrainResult", "BatchSchedule", "build_model", "build_optimizer",
+           "constant_schedule_with_warmup", "preset", "resolve_device", "train"]
+
+
+# --------------------------------------------------------------------------- #
+# Device, model, optimizer
+# --------------------------------------------------------------------------- #
+def resolve_device(config: TrainConfig) -> torch.device:
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    if config.requires_gpu:
+        raise RuntimeError(
+            "This preset is the 7B recipe and needs a CUDA GPU (bfloat16 compute and bitsandbytes' paged "
+            "AdamW); this machine has none. Run it with --dry-run to see the configuration and the memory "
+            "estimate, or use --preset smollm2-cpu.")
+    return torch.device("cpu")
+
+
+def compute_dtype_for(config: TrainConfig, device: torch.device) -> torch.dtype:
+    from qlora_lab.finetune.backends import compute_dtype
+
+    return compute_dtype(config, device)
+
+
+def build_model(config: TrainConfig, device: torch.device, model=None, tokenizer=None, backend: str | None = None):
+    """Load (unless given), quantize (for ``qlora``), add LoRA adapters, and
+    switch on gradient checkpointing with the run's backend
+    (:func:`qlora_lab.finetune.backends.build_model`): ``(model, tokenizer)``."""
+    from qlora_lab.finetune import backends
+
+    backend = backend or backends.resolve_backend(config.backend, device, model_given=model is not None)
+    return backends.build_model(config, device, backend, model, tokenizer)
+
+
+def build_optimizer(config: TrainConfig, params: list[torch.Tensor], device: torch.device):
+    name = config.optimizer
+    if name == "auto":
+        name = "paged_adamw_32bit" if device.type == "cuda" else "adamw"
+    kwargs = dict(lr=config.learning_rate, betas=(config.adam_beta1, config.adam_beta2),
+                  weight_decay=config.weight_decay)
+    if name == "paged_adamw_32bit":
+        if device.type != "cuda":
+            raise ValueError("optimizer paged_adamw_32bit is bitsandbytes' paged AdamW, which pages through CUDA "
+                             "unified memory; on a CPU choose adamw (torch) or paged_adamw (the course's, chapter 06)")
+        import bitsandbytes as bnb
+
+        return bnb.optim.PagedAdamW32bit(params, **kwargs)
+    if name == "paged_adamw":
+        from qlora_lab.paging.paged_adamw import PagedAdamW
+
+        return PagedAdamW(params, page_bytes=1 << 20, **kwargs)
+    return torch.optim.AdamW(params, foreach=False, **kwargs)
+
+
+def constant_schedule_with_warmup(optimizer, warmup_steps: int) -> torch.optim.lr_scheduler.LambdaLR:
+    """Learning rate ``lr * min(1, step / warmup_steps)``: a linear warmup from
+    0, then constant (transformers' ``constant_with_warmup``)."""
+    def factor(step: int) -> float:
+        return min(1.0, step / warmup_steps) if warmup_steps > 0 else 1.0
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+# --------------------------------------------------------------------------- #
+# Data order: a pure function of (seed, micro-batch index)
+# --------------------------------------------------------------------------- #
+class BatchSchedule:
+    """Micro-batch ``k`` of the run is batch ``k % n`` of epoch ``k // n``, where
+    epoch ``e`` is ordered by :func:`qlora_lab.finetune.data.make_batches` with seed
+    ``seed + e``. Nothing about the data order needs saving in a checkpoint."""
+
+    def __init__(self, lengths: list[int], batch_size: int, seed: int, group_by_length: bool):
+        self.lengths, self.batch_size, self.seed, self.group_by_length = lengths, batch_size, seed, group_by_length
+        self._epoch, self._batches = -1, []
+        self.per_epoch = len(self._epoch_batches(0))
+
+    def _epoch_batches(self, epoch: int) -> list[list[int]]:
+        if epoch != self._epoch:
+            self._batches = data_lib.make_batches(self.lengths, self.batch_size, self.seed + epoch,
+                                                  self.group_by_length)
+            self._epoch = epoch
+        return self._batches
+
+    def __getitem__(self, k: int) -> list[int]:
+        return self._epoch_batches(k // self.per_epoch)[k % self.per_epoch]
+
+
+# --------------------------------------------------------------------------- #
+# The loop
+# --------------------------------------------------------------------------- #
+@dataclass
+class TrainResult:
+    """What a run did: the per-step history, the evaluations, where the adapter is."""
+
+    config: TrainConfig
+    backend: str = "qlora_lab"
+    history: list[dict] = field(default_factory=list)
+    evaluations: list[dict] = field(default_factory=list)
+    adapter_dir: Path | None = None
+    resumed_from: int = 0
+    seconds: float = 0.0
+    model: Any = field(default=None, repr=False)
+    tokenizer: Any = field(default=None, repr=False)
+
+    def losses(self) -> list[float]:
+        return [h["loss"] for h in self.history]
+
+
+def _log_line(step: int, max_steps: int, loss: float, lr: float, tokens_per_second: float) -> str:
+    return f"step {step:>5}/{max_steps}  loss {loss:.4f}  lr {lr:.2e}  {tokens_per_second:,.0f} tokens/s"
+
+
+def train(config: TrainConfig, out_dir: str | os.PathLike, *, resume: bool = False, model=None, tokenizer=None,
+          splits: dict[str, list[dict]] | None = None, progress: str = "bar",
+          on_evaluation: Callable[[dict], None] | None = None,
+          on_step: Callable[[dict], None] | None = None) -> TrainResult:
+    """Finetune with ``config``; write checkpoints and the final adapter under
+    ``out_dir``. See the module docstring for the step.
+
+    ``model``/``tokenizer``: an already loaded base model (not yet quantized or
+    adapted) instead of ``config.model``. ``splits``: ``{"train": records,
+    "validation": records}`` instead of loading ``config.data``.
+    ``progress``: ``"bar"`` (tqdm, with loss and tokens/s), ``"log"`` (one line
+    per evaluation) or ``"none"``. ``resume``: continue from the newest
+    checkpoint in ``out_dir`` (an error if there is none). ``on_evaluation`` and
+    ``on_step`` are called with each evaluation's and each step's record
+    (after the step's checkpoint, if any, is written). The same loop sharded
+    over several processes is :func:`qlora_lab.beyond.fsdp.train_fsdp` (chapter 09).
+    """
+    config.validate()
+    if progress not in ("bar", "log", "none"):
+        raise ValueError(f"progress must be 'bar', 'log' or 'none', got {progress!r}")
+    out_dir = Path(out_dir)
+    found = None  # (checkpoint, training state, trainer state), every file read back before the run trusts it
+    if resume:
+        found = newest_intact_checkpoint(out_dir)
+        if found is None:
+            raise FileNotFoundError(f"--resume: there is no complete checkpoint in {out_dir}; start without --resume")
+    elif out_dir.exists() and (checkpoints(out_dir) or (out_dir / ADAPTER_DIR).exists()):
+        raise FileExistsError(f"{out_dir} already holds a run (checkpoints or a final adapter); pass resume=True "
+                              f"(--resume) to continue it, or choose another output directory")
+    device = resolve_device(config)
+    from qlora_lab.finetune import backends
+
+    backend = backends.resolve_backend(config.backend, device, model_given=model is not None)
+    backends.check_backend(config, backend)
+    out_dir.mkdir(parents=True, exist_ok=True)
+
+    # Data first: a malformed line must stop the run before the model is loaded.
+    if splits is None:
+        splits = data_lib.load_dataset(config.data, splits=("train", "validation"))
+    torch.manual_seed(config.seed)
+    random.seed(config.seed)
+    model, tokenizer = build_model(config, device, model, tokenizer, backend=backend)
+    train_examples, report = data_lib.tokenize_records(splits["train"], tokenizer, config.max_length)
+    if not train_examples:
+        raise ValueError(f"no training example survives tokenization ({report})")
+    eval_records = splits.get("validation", [])[: config.eval_examples]
+    eval_examples, _ = data_lib.tokenize_records(eval_records, tokenizer, config.max_length)
+    score_records = evaluate.scored_records(splits.get("validation", []))[: config.score_examples]
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else data_lib.end_of_turn_id(tokenizer)
+
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    optimizer = build_optimizer(config, trainable, device)
+    scheduler = constant_schedule_with_warmup(optimizer, config.warmup_steps)
+    schedule = BatchSchedule([len(e["input_ids"]) for e in train_examples], config.batch_size, config.seed,
+                             config.group_by_length)
+    result = TrainResult(config=config, backend=backend)
+
+    def write_adapter(path: Path) -> None:
+        backends.save_adapter(model, path, base_model_name_or_path=config.model)
+
+    state = {"step": 0, "history": [], "evaluations": [], "config": dataclasses.asdict(config)}
+
+    if found is not None:
+        checkpoint, saved, state = found
+        backends.load_adapter(model, checkpoint / ADAPTER_DIR)
+        optimizer.load_state_dict(saved["optimizer"])
+        scheduler.load_state_dict(saved["scheduler"])
+        restore_rng_state(saved["rng"])
+        result.resumed_from = state["step"]
+
+    def run_evaluation(step: int) -> None:
+        # Evaluation must not disturb the training's random stream (resume
+        # restores the stream as it is after the evaluation).
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+            entry = {"step": step}
+            if eval_examples:
+                entry["eval_loss"] = evaluate.evaluation_loss(model, eval_examples, pad_id, config.eval_batch_size)
+            if score_records:
+                scored = evaluate.score(model, tokenizer, score_records, config.max_new_tokens,
+                                        config.eval_batch_size)
+                entry["exact_match"] = scored.accuracy
+        state["evaluations"].append(entry)
+        if on_evaluation is not None:
+            on_evaluation(entry)
+        if progress == "log":
+            parts = [f"{k} {v:.4f}" for k, v in entry.items() if k != "step"]
+            print(f"eval at step {step}: " + ", ".join(parts), flush=True)
+
+    bar = None
+    if progress == "bar":
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=config.max_steps, initial=state["step"], desc="finetune", unit="step",
+                   dynamic_ncols=True, file=sys.stderr)
+    if state["step"] == 0:
+        run_evaluation(0)
+
+    model.train()
+    started = time.perf_counter()
+    for step in range(state["step"] + 1, config.max_steps + 1):
+        step_start = time.perf_counter()
+        micro = [schedule[(step - 1) * config.gradient_accumulation_steps + i]
+                 for i in range(config.gradient_accumulation_steps)]
+        batches = [data_lib.collate([train_examples[j] for j in idx], pad_id) for idx in micro]
+        n_labelled = sum(evaluate.labelled_tokens(b["labels"]) for b in batches)
+        step_loss, tokens = 0.0, 0
+        for batch in batches:
+            tokens += int(batch["attention_mask"].sum())
+            batch = {k: v.to(device) for k, v in batch.items()}
+            loss = causal_lm_loss(model, **batch, num_items_in_batch=n_labelled)
+            loss.backward()
+            step_loss += loss.item()
+        grad_norm = torch.nn.utils.clip_grad_norm_(trainable, config.max_grad_norm)
+        lr = optimizer.param_groups[0]["lr"]
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        seconds = time.perf_counter() - step_start
+        entry = {"step": step, "loss": step_loss, "lr": lr, "grad_norm": float(grad_norm),
+                 "tokens": tokens, "seconds": seconds}
+        state["history"].append(entry)
+        state["step"] = step
+        if bar is not None:
+            bar.update(1)
+            bar.set_postfix(loss=f"{step_loss:.4f}", tok_s=f"{tokens / seconds:,.0f}")
+        elif progress == "log" and (step % config.eval_every == 0 or step == config.max_steps):
+            print(_log_line(step, config.max_steps, step_loss, lr, tokens / seconds), flush=True)
+        if step % config.eval_every == 0 or step == config.max_steps:
+            run_evaluation(step)
+        if step % config.save_every == 0 and step < config.max_steps:
+            save_checkpoint(out_dir, step, write_adapter, optimizer, scheduler, state, config.keep_checkpoints)
+        if on_step is not None:
+            on_step(entry)
+    if bar is not None:
+        bar.close()
+
+    result.adapter_dir = out_dir / ADAPTER_DIR
+    backends.save_adapter(model, result.adapter_dir, base_model_name_or_path=config.model, overwrite=True)
+    metrics = {"config": dataclasses.asdict(config), "history": state["history"],
+               "evaluations": state["evaluations"], "backend": backend}
+    if device.type == "cuda":
+        # PyTorch's allocations only: bitsandbytes' paged optimizer states live
+        # in CUDA unified memory, outside them (see python -m qlora_lab gpu-smoke).
+        metrics["peak_gpu_allocated_bytes"] = torch.cuda.max_memory_allocated(device)
+        free, total = torch.cuda.mem_get_info(device)
+        metrics["gpu_used_bytes_at_end"] = total - free
+    (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=1))
+    result.history, result.evaluations = state["history"], state["evaluations"]
+    result.seconds = time.perf_counter() - started
+    result.model, result.tokenizer = model, tokenizer
+    return result
