@@ -278,3 +278,17 @@ def test_every_stage_folder_names_its_chapter_and_reading_order():
         for module in sorted(folder.glob("*.py")):
             if module.name != "__init__.py":
                 assert f":mod:`{module_name(module)}`" in doc, f"{folder.name}/__init__.py does not list {module.name}"
+
+
+def test_no_package_file_is_ignored_by_git():
+    """Every file of the package is source: none may match a .gitignore pattern (a
+    `runs/` pattern once hid qlora_lab/runs/ from every clone)."""
+    import shutil
+    import subprocess
+
+    if shutil.which("git") is None or not (ROOT / ".git").exists():
+        pytest.skip("not a git checkout")
+    files = [str(p.relative_to(ROOT)) for p in PACKAGE.rglob("*.py") if "__pycache__" not in p.parts]
+    done = subprocess.run(["git", "check-ignore", "--no-index", *files], cwd=ROOT, capture_output=True, text=True)
+    assert done.returncode in (0, 1), done.stderr
+    assert not done.stdout.split(), f"git ignores these package files: {done.stdout.split()}; fix .gitignore"

@@ -1,0 +1,15 @@
+"""The make targets' long runs, whose committed results the chapters read.
+
+Each is a script as much as a module (``python -m qlora_lab.runs.<name>``):
+
+1. :mod:`qlora_lab.runs.experiments`: ``make experiments``, QLoRA against
+   16-bit LoRA on SmolLM2 (QLoRA Sec. 4, Tables 3-4 in miniature), chapter 07.
+2. :mod:`qlora_lab.runs.rank_and_judge`: ``make rank-and-judge``, the adapters
+   of several ranks and the judgements chapters 04 and 07 show.
+3. :mod:`qlora_lab.runs.after_finetuning`: ``make after-finetuning``, chapter
+   08's task adapters, their scores and the generation speeds.
+4. :mod:`qlora_lab.runs.smoke`: ``make gpu-smoke``, both backends for a few
+   steps on a GPU, each in a fresh process.
+
+Import the module you run: ``from qlora_lab.runs import experiments``.
+"""
