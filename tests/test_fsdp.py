@@ -21,8 +21,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from qlora_lab.beyond import fsdp
-from qlora_lab.beyond import distributed
+from qlora_lab.beyond import distributed, fits, fsdp
 from qlora_lab.finetune.train import preset, train
 from qlora_lab.models import load_model, tiny_llama
 from qlora_lab.qlora import quantize_model
@@ -233,4 +232,4 @@ def test_estimate_per_gpu_under_fsdp():
     for bad in (0, -2, 1.5, True):
         with pytest.raises(ValueError, match="world_size must be a positive integer"):
             estimate("llama-7b", "qlora", world_size=bad)
-    assert "4 x 40 GB" in fsdp.fits_table() and "Answer.AI" in fsdp.fits_table()
+    assert "4 x 40 GB" in fits.fits_table() and "Answer.AI" in fits.fits_table()

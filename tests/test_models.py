@@ -188,3 +188,24 @@ def test_chat_rejects_a_useless_length(smollm2):
     model, tokenizer = smollm2
     with pytest.raises(ValueError, match="max_new_tokens"):
         models.chat(model, tokenizer, "hi", max_new_tokens=0)
+
+
+def test_greedy_is_generate_cut_before_the_stop_token():
+    """models.greedy, the one greedy decoding: transformers' generate with
+    do_sample=False, each row cut before its stop token, left padding kept."""
+    model = models.tiny_llama(seed=3, vocab_size=64).eval()
+    ids = torch.tensor([[0, 0, 5, 9, 11], [3, 4, 5, 6, 7]])
+    mask = torch.tensor([[0, 0, 1, 1, 1], [1, 1, 1, 1, 1]])
+    with torch.no_grad():
+        full = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=12, do_sample=False, pad_token_id=0,
+                              eos_token_id=63)[:, ids.shape[1]:].tolist()
+    free = models.greedy(model, ids, mask, max_new_tokens=12, pad_id=0)
+    stop = free[0][3]  # a token the first row really produces, as its stop token
+    cut = models.greedy(model, ids, mask, max_new_tokens=12, stop_id=stop, pad_id=0)
+    assert free == full
+    assert cut[0] == free[0][: free[0].index(stop)]
+    # min_new_tokens keeps the stop token out until then: exactly 12 tokens, none of them the stop token
+    exact = models.greedy(model, ids, mask, max_new_tokens=12, stop_id=stop, pad_id=0, min_new_tokens=12)
+    assert len(exact[0]) == 12 and stop not in exact[0]
+    with pytest.raises(ValueError, match="max_new_tokens"):
+        models.greedy(model, ids, mask, max_new_tokens=0)

@@ -38,6 +38,7 @@ from torch import nn
 
 from qlora_lab.finetune import data as data_lib
 from qlora_lab.lora import CONFIG_NAME, LoRALinear, load_adapter, lora_modules
+from qlora_lab.models.generation import greedy
 from qlora_lab.support.modules import replace_module
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "tokenizer_config.json")
@@ -147,18 +148,13 @@ def reply(model, tokenizer, messages: list[dict] | str, max_new_tokens: int = 12
         messages = [{"role": "user", "content": messages}]
     if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be a positive integer, got {max_new_tokens!r}")
-    ids = torch.tensor([data_lib.prompt_ids(messages, tokenizer)], device=next(model.parameters()).device)
+    ids = torch.tensor([data_lib.prompt_ids(messages, tokenizer)])
     streamer = None
     if stream is not None:
         streamer = TokenStreamer(tokenizer, lambda text: (stream.write(text), stream.flush()))
     eot = data_lib.end_of_turn_id(tokenizer)
-    out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
-                         do_sample=False, eos_token_id=eot,
-                         pad_token_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eot,
-                         streamer=streamer)
-    new = out[0, ids.shape[1]:].tolist()
-    if eot in new:
-        new = new[: new.index(eot)]
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eot
+    (new,) = greedy(model, ids, max_new_tokens=max_new_tokens, stop_id=eot, pad_id=pad, streamer=streamer)
     return tokenizer.decode(new, skip_special_tokens=True).strip()
 
 
@@ -256,8 +252,7 @@ def generation_speed(model, tokenizer, prompt: str = "Write a short story about 
                      new_tokens: int = 32, repeats: int = 1) -> float:
     """Tokens per second of greedy generation (batch 1, key/value cache on),
     exactly ``new_tokens`` tokens after the prompt, best of ``repeats`` runs."""
-    ids = torch.tensor([data_lib.prompt_ids([{"role": "user", "content": prompt}], tokenizer)],
-                       device=next(model.parameters()).device)
+    ids = torch.tensor([data_lib.prompt_ids([{"role": "user", "content": prompt}], tokenizer)])
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     best = float("inf")
     was_training = model.training
@@ -265,10 +260,9 @@ def generation_speed(model, tokenizer, prompt: str = "Write a short story about 
     try:
         for _ in range(repeats):
             started = time.perf_counter()
-            out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens,
-                                 min_new_tokens=new_tokens, do_sample=False, pad_token_id=pad, use_cache=True)
+            (row,) = greedy(model, ids, max_new_tokens=new_tokens, min_new_tokens=new_tokens, pad_id=pad)
             best = min(best, time.perf_counter() - started)
-            assert out.shape[1] - ids.shape[1] == new_tokens
+            assert len(row) == new_tokens
     finally:
         model.train(was_training)
     return new_tokens / best

@@ -14,8 +14,8 @@ tensor. Two ways out, both here:
   base + adapter within a stated tolerance. It costs the 4-bit saving.
 * **merge into the 4-bit weights and quantize again**
   (:func:`merge_into_4bit`): the update is mostly smaller than the NF4 grid's
-  steps, so quantizing ``W0 + delta`` again rounds much of it away and moves
-  the rest of the weights too. :func:`merge_into_4bit` reports by how much;
+  steps, so quantizing ``W0 + delta`` again rounds nearly all of it away and
+  moves the rest of the weights too. :func:`merge_into_4bit` reports by how much;
   the chapter measures what that does to the exact-match score.
 
 Exports:

@@ -38,28 +38,26 @@ that is gathered whole) and then to the whole model. The per-layer tables
 (the 16-entry code, the 256-entry double-quantization code, the mean offset
 and one float per 256 blocks) stay buffers: 4 bytes per 16,384 weights.
 
-:func:`train_fsdp` is :func:`qlora_lab.finetune.train.train`'s loop, sharded: it runs under ``torchrun
+:func:`train_fsdp` runs :func:`qlora_lab.finetune.train.train`'s loop, the same code, with
+:class:`Sharded` answering what differs for rank r of N: it runs under ``torchrun
 --standalone --nproc_per_node N -m qlora_lab finetune --fsdp ...`` (gloo on CPUs, nccl on GPUs).
 Step ``s`` consists of the same ``gradient_accumulation_steps`` micro-batches as in one process;
 rank r takes every N-th of them, starting at r. Each micro-batch's loss is divided by the
 labelled tokens of the whole step and multiplied by N, which FSDP's reduce-scatter (a mean over
 the ranks) divides out again, so the summed gradient, the clipped norm and the update are those
 of the single-process run, up to the order of float additions. The adapter is gathered and
-written once, by rank 0, in peft's format; checkpoints hold the full (unsharded) optimizer
-state, so a run resumes with any world size that divides the batch.
+written once, by rank 0, in peft's format; checkpoints are written by the same code as in one
+process (:func:`qlora_lab.support.resume.save_checkpoint`) and hold the full (unsharded)
+optimizer state, so a run resumes with any world size that divides the batch. What fits on
+how many GPUs is :mod:`qlora_lab.beyond.fits`.
 """
 
 from __future__ import annotations
 
-import dataclasses
-import json
 import math
 import os
-import random
-import shutil
-import tempfile
-import time
 from pathlib import Path
+from typing import Callable
 
 import torch
 import torch.distributed as dist
@@ -70,17 +68,17 @@ from torch.distributed.fsdp import fully_shard
 from torch.distributed.tensor import DTensor, distribute_tensor
 
 from qlora_lab.beyond import distributed
-from qlora_lab.fast.loss import causal_lm_loss
 from qlora_lab.finetune import data as data_lib
-from qlora_lab.finetune import evaluate
 from qlora_lab.finetune import train as train_lib
 from qlora_lab.lora import WEIGHTS_NAME, lora_modules, save_adapter
 from qlora_lab.lora.peft_format import KEY_PREFIX
+from qlora_lab.paging.paged_adamw import optimizer_state_bytes
 from qlora_lab.qlora import LinearNF4
-from qlora_lab.support import resume as resume_lib
+from qlora_lab.support.counting import total_bytes
+from qlora_lab.support.resume import ADAPTER_DIR, restore_rng_state, rng_state
 
-__all__ = ["SHARDED_BUFFERS", "check_world_size", "make_shardable", "parameter_bytes", "shard_model",
-           "train_fsdp", "valid_world_sizes"]
+__all__ = ["SHARDED_BUFFERS", "Sharded", "check_world_size", "load_sharded_adapter", "make_shardable",
+           "parameter_bytes", "save_sharded_adapter", "shard_model", "train_fsdp", "valid_world_sizes"]
 
 #: What FSDP shards of a :class:`LinearNF4`: the packed weight and its block constants.
 SHARDED_BUFFERS = ("weight", "absmax", "absmax_indices")
@@ -141,7 +139,7 @@ def shard_model(model: nn.Module, reshard_after_forward: bool = True) -> nn.Modu
     """``fully_shard`` each decoder layer, then the whole model (embeddings,
     final norm, output head), in place. FSDP's reduce-scatter averages the
     gradients over the processes (gloo has no scaled sum to do otherwise), so
-    :func:`train_fsdp` multiplies each loss by the world size before backward."""
+    :class:`Sharded` multiplies each loss by the world size before backward."""
     make_shardable(model)
     layer_types = set(getattr(model, "_no_split_modules", None) or ())
     layers = [m for m in model.modules() if type(m).__name__ in layer_types]
@@ -157,33 +155,12 @@ def shard_model(model: nn.Module, reshard_after_forward: bool = True) -> nn.Modu
 def parameter_bytes(model: nn.Module) -> dict[str, int]:
     """Bytes of the parameters and buffers this process holds (``"local"``:
     its shards) and of the whole model (``"full"``), each tensor counted once."""
-    local = full = 0
-    seen: set[int] = set()
-    for tensor in [*model.parameters(), *model.buffers()]:
-        if id(tensor) in seen:
-            continue
-        seen.add(id(tensor))
-        size = tensor.element_size()
-        if isinstance(tensor, DTensor):
-            local += tensor.to_local().numel() * size
-        else:
-            local += tensor.numel() * size
-        full += tensor.numel() * size
-    return {"local": local, "full": full}
-
-
-def _optimizer_state_bytes(optimizer: torch.optim.Optimizer) -> int:
-    total = 0
-    for state in optimizer.state.values():
-        for value in state.values():
-            if isinstance(value, torch.Tensor) and value.dim() > 0:
-                value = value.to_local() if isinstance(value, DTensor) else value
-                total += value.numel() * value.element_size()
-    return total
+    tensors = [*model.parameters(), *model.buffers()]
+    return {"local": total_bytes(tensors, local=True), "full": total_bytes(tensors)}
 
 
 # --------------------------------------------------------------------------- #
-# The adapter and checkpoints: gathered, written once
+# The adapter: gathered from every rank, written once
 # --------------------------------------------------------------------------- #
 def _gathered_adapter(model: nn.Module) -> dict[str, torch.Tensor]:
     """Every LoRA matrix whole, on the CPU (a collective: all ranks call it)."""
@@ -195,24 +172,29 @@ def _gathered_adapter(model: nn.Module) -> dict[str, torch.Tensor]:
     return out
 
 
+def _write_gathered(model: nn.Module, full: dict[str, torch.Tensor], path: str | os.PathLike,
+                    base_model: str | None) -> None:
+    """Write the gathered matrices in peft's format with
+    :func:`qlora_lab.lora.save_adapter` (swapped in for the shards while it writes)."""
+    layers = lora_modules(model)
+    sharded = {key: getattr(layers[key.rsplit(".", 1)[0]], key.rsplit(".", 1)[1]) for key in full}
+    try:
+        for key, tensor in full.items():
+            module_name, attr = key.rsplit(".", 1)
+            setattr(layers[module_name], attr, nn.Parameter(tensor, requires_grad=False))
+        save_adapter(model, path, base_model_name_or_path=base_model, overwrite=True)
+    finally:
+        for key, param in sharded.items():
+            module_name, attr = key.rsplit(".", 1)
+            setattr(layers[module_name], attr, param)
+
+
 def save_sharded_adapter(model: nn.Module, path: str | os.PathLike | None, base_model: str | None) -> None:
     """Gather the adapter from every rank; rank 0 writes it to ``path`` (the
-    other ranks may pass None) in peft's format
-    with :func:`qlora_lab.lora.save_adapter` (the whole matrices swapped in
-    for the shards while it writes)."""
+    other ranks may pass None) in peft's format."""
     full = _gathered_adapter(model)
     if dist.get_rank() == 0:
-        layers = lora_modules(model)
-        sharded = {key: getattr(layers[key.rsplit(".", 1)[0]], key.rsplit(".", 1)[1]) for key in full}
-        try:
-            for key, tensor in full.items():
-                module_name, attr = key.rsplit(".", 1)
-                setattr(layers[module_name], attr, nn.Parameter(tensor, requires_grad=False))
-            save_adapter(model, path, base_model_name_or_path=base_model, overwrite=True)
-        finally:
-            for key, param in sharded.items():
-                module_name, attr = key.rsplit(".", 1)
-                setattr(layers[module_name], attr, param)
+        _write_gathered(model, full, path, base_model)
     dist.barrier()
 
 
@@ -234,34 +216,75 @@ def load_sharded_adapter(model: nn.Module, path: str | os.PathLike) -> None:
                     if isinstance(p, DTensor) else value)
 
 
-def _save_checkpoint(out_dir: Path, step: int, model, optimizer, scheduler, state: dict, config) -> None:
-    """``checkpoint-<step>`` as :func:`qlora_lab.finetune.train.save_checkpoint` writes
-    it (adapter, ``training_state.pt``, trainer state last, one rename), with
-    the optimizer state gathered whole and every rank's random state."""
-    final = out_dir / f"{resume_lib.CHECKPOINT_PREFIX}{step}"
-    optim = get_optimizer_state_dict(model, optimizer, options=StateDictOptions(full_state_dict=True,
-                                                                                cpu_offload=True))
-    rng = distributed.gather_to_rank0({"torch": torch.get_rng_state(), "python": random.getstate()})
-    staging = Path(tempfile.mkdtemp(prefix=f".{final.name}-", dir=out_dir)) if dist.get_rank() == 0 else None
-    save_sharded_adapter(model, staging / resume_lib.ADAPTER_DIR if staging else None, config.model)
-    if dist.get_rank() == 0:
-        torch.save({"optimizer": optim, "scheduler": scheduler.state_dict(), "rng": rng,
-                    "world_size": dist.get_world_size()}, staging / "training_state.pt")
-        (staging / resume_lib.TRAINER_STATE).write_text(json.dumps(state, indent=1))
-        if final.exists():
-            shutil.rmtree(final)
-        staging.rename(final)
-        found = sorted(out_dir.glob(f"{resume_lib.CHECKPOINT_PREFIX}*"), key=lambda p: int(p.name.split("-")[-1]))
-        for old in found[:-config.keep_checkpoints]:
-            shutil.rmtree(old, ignore_errors=True)
-    dist.barrier()
+# --------------------------------------------------------------------------- #
+# The loop, sharded: what rank r of N does differently
+# --------------------------------------------------------------------------- #
+class Sharded(train_lib.OneProcess):
+    """:func:`qlora_lab.finetune.train.train`'s questions answered for rank
+    ``r`` of ``N`` processes: the model sharded after it is built, every N-th
+    micro-batch of a step, losses and token counts summed over the ranks, the
+    adapter and the optimizer state gathered before rank 0 writes them."""
+
+    backend = "qlora_lab"  # the course's LinearNF4, whose 4-bit tensors make_shardable turns into parameters
+
+    def __init__(self, info: dict, device: torch.device):
+        self.rank, self.world_size, self.dist_backend = info["rank"], info["world_size"], info["backend"]
+        self.device = device
+        self.writes = self.rank == 0
+        self.full_bytes = self.rank_bytes = 0
+
+    def label(self, backend: str) -> str:
+        return f"{backend}+fsdp"
+
+    def prepare(self, model, config) -> str:
+        check_world_size(model, self.world_size, config.gradient_accumulation_steps)
+        self.full_bytes = parameter_bytes(model)["full"]
+        shard_model(model)
+        self.rank_bytes = parameter_bytes(model)["local"]
+        return (f"FSDP over {self.world_size} processes ({self.dist_backend}): {self.full_bytes / 1e6:.2f} MB of "
+                f"parameters and buffers, {self.rank_bytes / 1e6:.2f} MB on rank 0")
+
+    def my_share(self, batches: list) -> list:
+        return batches[self.rank::self.world_size]  # check_world_size made the share equal
+
+    def backward(self, loss: torch.Tensor) -> None:
+        (loss * self.world_size).backward()  # FSDP averages the gradients over the ranks; the step needs their sum
+
+    def sum(self, value: float) -> float:
+        return distributed.all_reduce_sum(value)
+
+    def norm(self, grad_norm: torch.Tensor) -> float:
+        return float(grad_norm.full_tensor() if isinstance(grad_norm, DTensor) else grad_norm)
+
+    def adapter_writer(self, model, base_model: str) -> Callable[[Path], None]:
+        full = _gathered_adapter(model)  # a collective: every rank gathers, rank 0 writes
+        return lambda path: _write_gathered(model, full, path, base_model)
+
+    def training_state(self, model, optimizer, scheduler) -> dict:
+        options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+        return {"optimizer": get_optimizer_state_dict(model, optimizer, options=options),
+                "scheduler": scheduler.state_dict(), "rng": distributed.gather_to_rank0(rng_state()),
+                "world_size": self.world_size}
+
+    def restore(self, model, optimizer, scheduler, checkpoint: Path, saved: dict) -> None:
+        load_sharded_adapter(model, checkpoint / ADAPTER_DIR)
+        set_optimizer_state_dict(model, optimizer, saved["optimizer"], options=StateDictOptions(full_state_dict=True))
+        scheduler.load_state_dict(saved["scheduler"])
+        rngs = saved["rng"] if isinstance(saved["rng"], list) else [saved["rng"]]  # one process's checkpoint: one
+        restore_rng_state(rngs[self.rank] if len(rngs) == self.world_size else rngs[0])
+
+    def barrier(self) -> None:
+        dist.barrier()
+
+    def metrics(self, model, optimizer, device: torch.device) -> dict:
+        ranks = distributed.gather_to_rank0({"parameter_bytes": self.rank_bytes,
+                                             "optimizer_state_bytes": optimizer_state_bytes(optimizer)})
+        return {"world_size": self.world_size, "dist_backend": self.dist_backend,
+                "full_parameter_bytes": self.full_bytes, "ranks": ranks}
 
 
-# --------------------------------------------------------------------------- #
-# The loop, sharded
-# --------------------------------------------------------------------------- #
 def train_fsdp(config, out_dir: str | os.PathLike, *, resume: bool = False, progress: str = "log",
-               dist_backend: str = "auto", splits: dict | None = None) -> train_lib.TrainResult | None:
+               dist_backend: str = "auto", splits: dict | None = None) -> train_lib.TrainResult:
     """:func:`qlora_lab.finetune.train.train` under FSDP, in a process started by
     torchrun (see the module docstring). Every rank returns the same
     :class:`qlora_lab.finetune.train.TrainResult`; rank 0 writes the checkpoints, the
@@ -276,174 +299,10 @@ def train_fsdp(config, out_dir: str | os.PathLike, *, resume: bool = False, prog
     if config.score_examples:
         raise ValueError("--fsdp does not score generations (--score): generation would have to run in lock-step "
                          "on every rank; score the saved adapter afterwards with one process")
-    if progress not in ("bar", "log", "none"):
-        raise ValueError(f"progress must be 'bar', 'log' or 'none', got {progress!r}")
-    info = distributed.check_environment()  # before anything is loaded
+    distributed.check_environment()  # before anything is loaded
     distributed.choose_backend(dist_backend)
-    out_dir = Path(out_dir)
-    if resume and resume_lib.latest_checkpoint(out_dir) is None:
-        raise FileNotFoundError(f"--resume: there is no complete checkpoint in {out_dir}; start without --resume")
-    if not resume and (resume_lib.latest_checkpoint(out_dir) or (out_dir / resume_lib.ADAPTER_DIR).exists()):
-        raise FileExistsError(f"{out_dir} already holds a run (checkpoints or a final adapter); pass --resume to "
-                              f"continue it, or choose another output directory")
     if splits is None:
         splits = data_lib.load_dataset(config.data, splits=("train", "validation"))
     with distributed.process_group(dist_backend) as (info, device):
-        return _train_loop(config, out_dir, resume, progress, splits, info, device)
-
-
-def _train_loop(config, out_dir: Path, resume: bool, progress: str, splits: dict, info: dict,
-                device: torch.device) -> train_lib.TrainResult:
-    rank, world = info["rank"], info["world_size"]
-    torch.manual_seed(config.seed)
-    random.seed(config.seed)
-    model, tokenizer = train_lib.build_model(config, device, backend="qlora_lab")
-    check_world_size(model, world, config.gradient_accumulation_steps)
-    full_bytes = parameter_bytes(model)["full"]
-    shard_model(model)
-    rank_bytes = parameter_bytes(model)["local"]
-    if rank == 0:
-        out_dir.mkdir(parents=True, exist_ok=True)
-    dist.barrier()
-
-    train_examples, report = data_lib.tokenize_records(splits["train"], tokenizer, config.max_length)
-    if not train_examples:
-        raise ValueError(f"no training example survives tokenization ({report})")
-    eval_examples, _ = data_lib.tokenize_records(splits.get("validation", [])[: config.eval_examples], tokenizer,
-                                                 config.max_length)
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else data_lib.end_of_turn_id(tokenizer)
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    optimizer = train_lib.build_optimizer(config, trainable, device)
-    scheduler = train_lib.constant_schedule_with_warmup(optimizer, config.warmup_steps)
-    schedule = train_lib.BatchSchedule([len(e["input_ids"]) for e in train_examples], config.batch_size,
-                                       config.seed, config.group_by_length)
-    result = train_lib.TrainResult(config=config, backend="qlora_lab+fsdp")
-    state = {"step": 0, "history": [], "evaluations": [], "config": dataclasses.asdict(config)}
-    found = resume_lib.newest_intact_checkpoint(out_dir) if resume else None  # every file read back, damage named
-    if found is not None:
-        checkpoint, saved, state = found
-        load_sharded_adapter(model, checkpoint / resume_lib.ADAPTER_DIR)
-        set_optimizer_state_dict(model, optimizer, saved["optimizer"],
-                                 options=StateDictOptions(full_state_dict=True))
-        scheduler.load_state_dict(saved["scheduler"])
-        rng = saved["rng"][rank] if len(saved["rng"]) == world else saved["rng"][0]
-        torch.set_rng_state(rng["torch"])
-        random.setstate(rng["python"])
-        result.resumed_from = state["step"]
-
-    def say(text: str) -> None:
-        if rank == 0 and progress != "none":
-            print(text, flush=True)
-
-    def run_evaluation(step: int) -> None:
-        # Every rank runs the same evaluation (FSDP gathers each layer on all
-        # ranks together), so every rank gets the same number.
-        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-            entry = {"step": step}
-            if eval_examples:
-                entry["eval_loss"] = evaluate.evaluation_loss(model, eval_examples, pad_id, config.eval_batch_size)
-        state["evaluations"].append(entry)
-        say(f"eval at step {step}: " + ", ".join(f"{k} {v:.4f}" for k, v in entry.items() if k != "step"))
-
-    say(f"FSDP over {world} processes ({info['backend']}): {full_bytes / 1e6:.2f} MB of parameters and buffers, "
-        f"{rank_bytes / 1e6:.2f} MB on rank 0")
-    if state["step"] == 0:
-        run_evaluation(0)
-    model.train()
-    started = time.perf_counter()
-    per_rank = config.gradient_accumulation_steps // world
-    for step in range(state["step"] + 1, config.max_steps + 1):
-        step_start = time.perf_counter()
-        micro = [schedule[(step - 1) * config.gradient_accumulation_steps + i]
-                 for i in range(config.gradient_accumulation_steps)]
-        batches = [data_lib.collate([train_examples[j] for j in idx], pad_id) for idx in micro]
-        n_labelled = sum(evaluate.labelled_tokens(b["labels"]) for b in batches)  # the whole step's
-        mine = batches[rank::world]
-        assert len(mine) == per_rank
-        local_loss, tokens = 0.0, 0
-        for batch in mine:
-            tokens += int(batch["attention_mask"].sum())
-            batch = {k: v.to(device) for k, v in batch.items()}
-            loss = causal_lm_loss(model, **batch, num_items_in_batch=n_labelled)
-            (loss * world).backward()  # FSDP averages over ranks; the step needs the sum
-            local_loss += loss.item()
-        grad_norm = torch.nn.utils.clip_grad_norm_(trainable, config.max_grad_norm)
-        if isinstance(grad_norm, DTensor):
-            grad_norm = grad_norm.full_tensor()
-        lr = optimizer.param_groups[0]["lr"]
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
-        step_loss = distributed.all_reduce_sum(local_loss)
-        tokens = int(distributed.all_reduce_sum(float(tokens)))
-        seconds = time.perf_counter() - step_start
-        entry = {"step": step, "loss": step_loss, "lr": lr, "grad_norm": float(grad_norm), "tokens": tokens,
-                 "seconds": seconds}
-        state["history"].append(entry)
-        state["step"] = step
-        if step % config.eval_every == 0 or step == config.max_steps:
-            say(f"step {step:>5}/{config.max_steps}  loss {step_loss:.4f}  lr {lr:.2e}  "
-                f"{tokens / seconds:,.0f} tokens/s")
-            run_evaluation(step)
-        if step % config.save_every == 0 and step < config.max_steps:
-            _save_checkpoint(out_dir, step, model, optimizer, scheduler, state, config)
-
-    result.adapter_dir = out_dir / resume_lib.ADAPTER_DIR
-    save_sharded_adapter(model, result.adapter_dir if rank == 0 else None, config.model)
-    memory = distributed.gather_to_rank0({"parameter_bytes": rank_bytes,
-                                          "optimizer_state_bytes": _optimizer_state_bytes(optimizer)})
-    if rank == 0:
-        metrics = {"config": dataclasses.asdict(config), "history": state["history"],
-                   "evaluations": state["evaluations"], "backend": result.backend, "world_size": world,
-                   "dist_backend": info["backend"], "full_parameter_bytes": full_bytes, "ranks": memory}
-        (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=1))
-    dist.barrier()
-    result.history, result.evaluations = state["history"], state["evaluations"]
-    result.seconds = time.perf_counter() - started
-    result.model, result.tokenizer = model, tokenizer
-    return result
-
-
-# --------------------------------------------------------------------------- #
-# What fits: the estimate of chapter 03 per GPU
-# --------------------------------------------------------------------------- #
-#: (GPUs, GiB per GPU) of the table: two or four consumer cards, two workstation cards.
-SETUPS = ((2, 24), (2, 48), (4, 24))
-
-#: Answer.AI's published runs of FSDP-QLoRA: (model, GPUs, GiB) -> (batch, tokens, what they report).
-PUBLISHED = {
-    ("llama-2-70b", 2, 24): (2, 2048, "trained (Answer.AI): gradient checkpointing + CPU offload, ~55 GB host RAM"),
-    ("llama-2-70b", 4, 40): (2, 512, "trained (Answer.AI's README example, 4 x A100 40 GB): no CPU offload"),
-}
-PUBLISHED_SOURCES = (
-    "Answer.AI, 'You can now train a 70b language model at home' (2024-03-06), "
-    "https://www.answer.ai/posts/2024-03-06-fsdp-qlora.html; the command and the host RAM from "
-    "https://github.com/AnswerDotAI/fsdp_qlora (README: 'Finetune Llama-2 70B on Dual 24GB GPUs' and "
-    "'Example: Llama 70B 4-A100 40GB Training')",
-)
-
-
-def fits_table(models: tuple[str, ...] = ("llama-65b", "llama-2-70b"), setups=SETUPS, **estimate_kwargs) -> str:
-    """One GPU's peak memory under FSDP-QLoRA (:func:`qlora_lab.memory.estimate`
-    with ``world_size``; default: the Guanaco recipe, batch 1 x 512 tokens)
-    for each model and setup, the headroom left on the card (GiB), and
-    Answer.AI's published run where there is one, estimated at its own batch."""
-    from qlora_lab.memory import estimate
-
-    def row(label: str, setup: str, e, gib: int, note: str = "") -> str:
-        room = (gib * 2**30 - e.peak) / 1e9
-        gathered = e.settings.get("gathered_bytes")
-        return (f"{label:<13}{setup:>10}{e.peak / 1e9:>8.1f} GB"
-                f"{'-' if gathered is None else f'{gathered / 1e9:.2f} GB':>11}{room:>+10.1f} GB  "
-                f"{'yes' if room > 0 else 'no':>4}  {note}").rstrip()
-
-    lines = [f"{'model':<13}{'GPUs':>10}{'per GPU':>11}{'gathered':>11}{'headroom':>13}  fits"]
-    for name in models:
-        lines.append(row(name, "1 x 48 GB", estimate(name, "qlora", **estimate_kwargs), 48))
-        for n, gib in setups:
-            lines.append(row("", f"{n} x {gib} GB", estimate(name, "qlora", world_size=n, **estimate_kwargs), gib))
-        for (model, n, gib), (batch, tokens, note) in PUBLISHED.items():
-            if model == name:
-                e = estimate(name, "qlora", world_size=n, **{**estimate_kwargs, "batch": batch, "seq_len": tokens})
-                lines.append(row("", f"{n} x {gib} GB", e, gib, f"batch {batch} x {tokens}: {note}"))
-    return "\n".join(lines)
+        return train_lib.train(config, out_dir, resume=resume, splits=splits, progress=progress,
+                               processes=Sharded(info, device))

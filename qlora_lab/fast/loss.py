@@ -3,7 +3,7 @@
 The reference is transformers' own: ``model(**batch, num_items_in_batch=n).loss``
 projects every position's hidden state onto the whole vocabulary (SmolLM2:
 49,152 entries), then ignores the positions labelled -100. With labels on the
-assistant's tokens only ("train on target", QLoRA Sec. 5), most positions are
+assistant's tokens only (the course's labels, chapter 07), most positions are
 ignored: on chapter 07's data about 3 in 4. :func:`causal_lm_loss` asks the model
 for the logits of the labelled positions only (transformers' ``logits_to_keep``
 with a boolean mask), then takes the same summed cross-entropy divided by the

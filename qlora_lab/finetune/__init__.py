@@ -10,10 +10,13 @@ Read it in this order; each module is one idea:
    course's layers or from bitsandbytes + peft; what a run will need (dry run).
 4. :mod:`qlora_lab.finetune.streaming`: a checkpoint loaded straight into
    4 bits, one tensor at a time, so a 7B model never exists in 16 bits.
-5. :mod:`qlora_lab.finetune.train`: the training loop: schedule, gradient
-   accumulation, clipping, checkpoints that resume bit for bit.
-6. :mod:`qlora_lab.finetune.evaluate`: perplexity, evaluation loss, exact match.
-7. :mod:`qlora_lab.finetune.judge`: a model as judge and Elo ratings from its
+5. :mod:`qlora_lab.finetune.step`: the parts of a step: device, optimizer,
+   learning-rate schedule, and the order of the batches as a pure function.
+6. :mod:`qlora_lab.finetune.train`: the training loop, written once: gradient
+   accumulation, clipping, checkpoints that resume bit for bit, in one
+   process or (chapter 09) in N.
+7. :mod:`qlora_lab.finetune.evaluate`: perplexity, evaluation loss, exact match.
+8. :mod:`qlora_lab.finetune.judge`: a model as judge and Elo ratings from its
    verdicts, the paper's chatbot evaluation in miniature.
 
 Import the module you read: ``from qlora_lab.finetune.train import preset, train``.

@@ -42,6 +42,7 @@ from pathlib import Path
 
 import torch
 
+from qlora_lab.finetune.recipe import GUANACO_7B
 from qlora_lab.support.atomic import atomic_directory
 
 __all__ = [
@@ -150,7 +151,8 @@ def peft_lora(model, r: int, alpha: float, dropout: float = 0.0, target_modules:
     return peft_model
 
 
-def bitsandbytes_qlora_model(model_dir: str | os.PathLike | None = None, lora_r: int = 64, lora_alpha: float = 16,
+def bitsandbytes_qlora_model(model_dir: str | os.PathLike | None = None, lora_r: int = GUANACO_7B.r,
+                             lora_alpha: float = GUANACO_7B.lora_alpha,
                              compute_dtype: torch.dtype = torch.float32):
     """The QLoRA model as practitioners build it: the model in ``model_dir``
     (default: the cached SmolLM2) loaded by transformers in NF4 with double

@@ -1,8 +1,12 @@
 """Instruction data for finetuning: load, check, tokenize with labels, batch.
 
 The data pipeline of QLoRA's finetuning experiments (Dettmers et al. 2023,
-Sec. 5 and Appendix B: Guanaco is trained on OASST1 conversations, with the
-loss on the assistant's replies only, "train on target"), in four steps:
+Sec. 5 and Appendix B: Guanaco is trained on OASST1 conversations), in four
+steps. One choice is the course's own: the loss is taken on the assistant's
+replies only. The released ``qlora.py`` labels everything but an example's
+source (``train_on_source=False``) and maps each OASST1 conversation to
+``{'input': '', 'output': text}``, so Guanaco's loss covers the whole
+conversation, the human turns included.
 
 1. **Load and validate** (:func:`load_jsonl`, :func:`load_dataset`). One JSON object
    per line with a ``messages`` list in the chat format that

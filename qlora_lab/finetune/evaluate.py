@@ -33,6 +33,7 @@ import torch
 
 from qlora_lab.fast.loss import causal_lm_loss
 from qlora_lab.finetune import data
+from qlora_lab.models.generation import greedy
 from qlora_lab.support.resources import EVAL_TEXT_DIR
 
 
@@ -199,21 +200,15 @@ def generate(model, tokenizer, conversations: Sequence[list[dict]], max_new_toke
     prompts = [data.prompt_ids(c, tokenizer) for c in conversations]
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
     replies: list[str] = [""] * len(prompts)
-    device = next(model.parameters()).device
     was_training = model.training
     model.eval()
     try:
         for b in range(0, len(order), batch_size):
             chunk = order[b: b + batch_size]
             batch = data.collate([{"input_ids": prompts[i]} for i in chunk], pad, padding_side="left")
-            out = model.generate(input_ids=batch["input_ids"].to(device),
-                                 attention_mask=batch["attention_mask"].to(device),
-                                 max_new_tokens=max_new_tokens, do_sample=False,
-                                 eos_token_id=eot, pad_token_id=pad)
-            new = out[:, batch["input_ids"].shape[1]:].tolist()
+            new = greedy(model, batch["input_ids"], batch["attention_mask"], max_new_tokens=max_new_tokens,
+                         stop_id=eot, pad_id=pad)
             for i, tokens in zip(chunk, new):
-                if eot in tokens:
-                    tokens = tokens[: tokens.index(eot)]
                 replies[i] = tokenizer.decode(tokens, skip_special_tokens=True)
     finally:
         model.train(was_training)

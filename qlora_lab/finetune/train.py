@@ -28,6 +28,14 @@ same code runs SmolLM2 on a laptop CPU and LLaMA-7B on one GPU: the presets
 differ in numbers, not in code paths, except where the device decides (compute
 dtype, optimizer, and the backend that builds the model: the course's layers
 on a CPU, transformers + bitsandbytes + peft on CUDA; :mod:`qlora_lab.finetune.backends`).
+The parts of a step (device, optimizer, schedule, batch order) are in
+:mod:`qlora_lab.finetune.step`.
+
+The loop is written once. What differs when it runs in N processes under
+FSDP (chapter 09) is asked of a ``processes`` object: :class:`OneProcess` here,
+:class:`qlora_lab.beyond.fsdp.Sharded` there, which takes its share of the
+micro-batches, sums losses over the processes, gathers the adapter before it
+is written and lets one process write.
 """
 
 from __future__ import annotations
@@ -48,93 +56,73 @@ from qlora_lab.fast.loss import causal_lm_loss
 from qlora_lab.finetune import data as data_lib
 from qlora_lab.finetune import evaluate
 from qlora_lab.finetune.recipe import PRESETS, TrainConfig, preset  # the run's settings; train.preset(...) is the usual call
-from qlora_lab.support.resume import ADAPTER_DIR, checkpoints, newest_intact_checkpoint, restore_rng_state, save_checkpoint
+from qlora_lab.finetune.step import (BatchSchedule, build_model, build_optimizer, compute_dtype_for,
+                                     constant_schedule_with_warmup, resolve_device)
+from qlora_lab.support.resume import (ADAPTER_DIR, checkpoints, newest_intact_checkpoint, restore_rng_state, rng_state,
+                                      save_checkpoint)
 
-__all__ = ["PRESETS", "TrainConfig", "TrainResult", "BatchSchedule", "build_model", "build_optimizer",
-           "constant_schedule_with_warmup", "preset", "resolve_device", "train"]
+__all__ = ["PRESETS", "OneProcess", "TrainConfig", "TrainResult", "BatchSchedule", "build_model", "build_optimizer",
+           "compute_dtype_for", "constant_schedule_with_warmup", "preset", "resolve_device", "train"]
 
 
 # --------------------------------------------------------------------------- #
-# Device, model, optimizer
+# One process, or N: what the loop asks of them
 # --------------------------------------------------------------------------- #
-def resolve_device(config: TrainConfig) -> torch.device:
-    if torch.cuda.is_available():
-        return torch.device("cuda")
-    if config.requires_gpu:
-        raise RuntimeError(
-            "This preset is the 7B recipe and needs a CUDA GPU (bfloat16 compute and bitsandbytes' paged "
-            "AdamW); this machine has none. Run it with --dry-run to see the configuration and the memory "
-            "estimate, or use --preset smollm2-cpu.")
-    return torch.device("cpu")
+class OneProcess:
+    """The loop run by one process: it takes every micro-batch and writes every
+    file. :class:`qlora_lab.beyond.fsdp.Sharded` answers the same questions
+    for N processes."""
 
+    writes = True  # this process writes checkpoints, the adapter and metrics.json
+    device: torch.device | None = None  # None: the config's (CUDA when there is one)
+    backend: str | None = None  # None: the config's backend, resolved for the device
 
-def compute_dtype_for(config: TrainConfig, device: torch.device) -> torch.dtype:
-    from qlora_lab.finetune.backends import compute_dtype
+    def label(self, backend: str) -> str:
+        return backend
 
-    return compute_dtype(config, device)
+    def prepare(self, model, config: TrainConfig) -> str | None:
+        """Called once the model is built; returns a line to print, if any."""
+        return None
 
+    def my_share(self, batches: list) -> list:
+        return batches
 
-def build_model(config: TrainConfig, device: torch.device, model=None, tokenizer=None, backend: str | None = None):
-    """Load (unless given), quantize (for ``qlora``), add LoRA adapters, and
-    switch on gradient checkpointing with the run's backend
-    (:func:`qlora_lab.finetune.backends.build_model`): ``(model, tokenizer)``."""
-    from qlora_lab.finetune import backends
+    def backward(self, loss: torch.Tensor) -> None:
+        loss.backward()
 
-    backend = backend or backends.resolve_backend(config.backend, device, model_given=model is not None)
-    return backends.build_model(config, device, backend, model, tokenizer)
+    def sum(self, value: float) -> float:
+        return value
 
+    def norm(self, grad_norm: torch.Tensor) -> float:
+        return float(grad_norm)
 
-def build_optimizer(config: TrainConfig, params: list[torch.Tensor], device: torch.device):
-    name = config.optimizer
-    if name == "auto":
-        name = "paged_adamw_32bit" if device.type == "cuda" else "adamw"
-    kwargs = dict(lr=config.learning_rate, betas=(config.adam_beta1, config.adam_beta2),
-                  weight_decay=config.weight_decay)
-    if name == "paged_adamw_32bit":
+    def adapter_writer(self, model, base_model: str) -> Callable[[Path], None]:
+        from qlora_lab.finetune import backends
+
+        return lambda path: backends.save_adapter(model, path, base_model_name_or_path=base_model, overwrite=True)
+
+    def training_state(self, model, optimizer, scheduler) -> dict:
+        return {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "rng": rng_state()}
+
+    def restore(self, model, optimizer, scheduler, checkpoint: Path, saved: dict) -> None:
+        from qlora_lab.finetune import backends
+
+        backends.load_adapter(model, checkpoint / ADAPTER_DIR)
+        optimizer.load_state_dict(saved["optimizer"])
+        scheduler.load_state_dict(saved["scheduler"])
+        restore_rng_state(saved["rng"])
+
+    def barrier(self) -> None:
+        pass
+
+    def metrics(self, model, optimizer, device: torch.device) -> dict:
         if device.type != "cuda":
-            raise ValueError("optimizer paged_adamw_32bit is bitsandbytes' paged AdamW, which pages through CUDA "
-                             "unified memory; on a CPU choose adamw (torch) or paged_adamw (the course's, chapter 06)")
-        import bitsandbytes as bnb
-
-        return bnb.optim.PagedAdamW32bit(params, **kwargs)
-    if name == "paged_adamw":
-        from qlora_lab.paging.paged_adamw import PagedAdamW
-
-        return PagedAdamW(params, page_bytes=1 << 20, **kwargs)
-    return torch.optim.AdamW(params, foreach=False, **kwargs)
-
-
-def constant_schedule_with_warmup(optimizer, warmup_steps: int) -> torch.optim.lr_scheduler.LambdaLR:
-    """Learning rate ``lr * min(1, step / warmup_steps)``: a linear warmup from
-    0, then constant (transformers' ``constant_with_warmup``)."""
-    def factor(step: int) -> float:
-        return min(1.0, step / warmup_steps) if warmup_steps > 0 else 1.0
-
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
-
-
-# --------------------------------------------------------------------------- #
-# Data order: a pure function of (seed, micro-batch index)
-# --------------------------------------------------------------------------- #
-class BatchSchedule:
-    """Micro-batch ``k`` of the run is batch ``k % n`` of epoch ``k // n``, where
-    epoch ``e`` is ordered by :func:`qlora_lab.finetune.data.make_batches` with seed
-    ``seed + e``. Nothing about the data order needs saving in a checkpoint."""
-
-    def __init__(self, lengths: list[int], batch_size: int, seed: int, group_by_length: bool):
-        self.lengths, self.batch_size, self.seed, self.group_by_length = lengths, batch_size, seed, group_by_length
-        self._epoch, self._batches = -1, []
-        self.per_epoch = len(self._epoch_batches(0))
-
-    def _epoch_batches(self, epoch: int) -> list[list[int]]:
-        if epoch != self._epoch:
-            self._batches = data_lib.make_batches(self.lengths, self.batch_size, self.seed + epoch,
-                                                  self.group_by_length)
-            self._epoch = epoch
-        return self._batches
-
-    def __getitem__(self, k: int) -> list[int]:
-        return self._epoch_batches(k // self.per_epoch)[k % self.per_epoch]
+            return {}
+        # PyTorch's allocations only: bitsandbytes' paged optimizer states live
+        # in CUDA unified memory, outside them (see python -m qlora_lab gpu-smoke).
+        free, total = torch.cuda.mem_get_info(device)
+        return {"peak_gpu_allocated_bytes": torch.cuda.max_memory_allocated(device),
+                "gpu_used_bytes_at_end": total - free}
 
 
 # --------------------------------------------------------------------------- #
@@ -165,7 +153,7 @@ def _log_line(step: int, max_steps: int, loss: float, lr: float, tokens_per_seco
 def train(config: TrainConfig, out_dir: str | os.PathLike, *, resume: bool = False, model=None, tokenizer=None,
           splits: dict[str, list[dict]] | None = None, progress: str = "bar",
           on_evaluation: Callable[[dict], None] | None = None,
-          on_step: Callable[[dict], None] | None = None) -> TrainResult:
+          on_step: Callable[[dict], None] | None = None, processes: OneProcess | None = None) -> TrainResult:
     """Finetune with ``config``; write checkpoints and the final adapter under
     ``out_dir``. See the module docstring for the step.
 
@@ -176,12 +164,14 @@ def train(config: TrainConfig, out_dir: str | os.PathLike, *, resume: bool = Fal
     per evaluation) or ``"none"``. ``resume``: continue from the newest
     checkpoint in ``out_dir`` (an error if there is none). ``on_evaluation`` and
     ``on_step`` are called with each evaluation's and each step's record
-    (after the step's checkpoint, if any, is written). The same loop sharded
-    over several processes is :func:`qlora_lab.beyond.fsdp.train_fsdp` (chapter 09).
+    (after the step's checkpoint, if any, is written). ``processes``: who runs
+    the loop, :class:`OneProcess` by default; the same loop sharded over
+    several processes is :func:`qlora_lab.beyond.fsdp.train_fsdp` (chapter 09).
     """
     config.validate()
     if progress not in ("bar", "log", "none"):
         raise ValueError(f"progress must be 'bar', 'log' or 'none', got {progress!r}")
+    processes = processes or OneProcess()
     out_dir = Path(out_dir)
     found = None  # (checkpoint, training state, trainer state), every file read back before the run trusts it
     if resume:
@@ -191,12 +181,13 @@ def train(config: TrainConfig, out_dir: str | os.PathLike, *, resume: bool = Fal
     elif out_dir.exists() and (checkpoints(out_dir) or (out_dir / ADAPTER_DIR).exists()):
         raise FileExistsError(f"{out_dir} already holds a run (checkpoints or a final adapter); pass resume=True "
                               f"(--resume) to continue it, or choose another output directory")
-    device = resolve_device(config)
+    device = processes.device or resolve_device(config)
     from qlora_lab.finetune import backends
 
-    backend = backends.resolve_backend(config.backend, device, model_given=model is not None)
+    backend = processes.backend or backends.resolve_backend(config.backend, device, model_given=model is not None)
     backends.check_backend(config, backend)
     out_dir.mkdir(parents=True, exist_ok=True)
+    say = processes.writes and progress != "none"
 
     # Data first: a malformed line must stop the run before the model is loaded.
     if splits is None:
@@ -204,6 +195,7 @@ def train(config: TrainConfig, out_dir: str | os.PathLike, *, resume: bool = Fal
     torch.manual_seed(config.seed)
     random.seed(config.seed)
     model, tokenizer = build_model(config, device, model, tokenizer, backend=backend)
+    note = processes.prepare(model, config)
     train_examples, report = data_lib.tokenize_records(splits["train"], tokenizer, config.max_length)
     if not train_examples:
         raise ValueError(f"no training example survives tokenization ({report})")
@@ -217,24 +209,18 @@ def train(config: TrainConfig, out_dir: str | os.PathLike, *, resume: bool = Fal
     scheduler = constant_schedule_with_warmup(optimizer, config.warmup_steps)
     schedule = BatchSchedule([len(e["input_ids"]) for e in train_examples], config.batch_size, config.seed,
                              config.group_by_length)
-    result = TrainResult(config=config, backend=backend)
-
-    def write_adapter(path: Path) -> None:
-        backends.save_adapter(model, path, base_model_name_or_path=config.model)
-
+    result = TrainResult(config=config, backend=processes.label(backend))
     state = {"step": 0, "history": [], "evaluations": [], "config": dataclasses.asdict(config)}
 
     if found is not None:
         checkpoint, saved, state = found
-        backends.load_adapter(model, checkpoint / ADAPTER_DIR)
-        optimizer.load_state_dict(saved["optimizer"])
-        scheduler.load_state_dict(saved["scheduler"])
-        restore_rng_state(saved["rng"])
+        processes.restore(model, optimizer, scheduler, checkpoint, saved)
         result.resumed_from = state["step"]
 
     def run_evaluation(step: int) -> None:
         # Evaluation must not disturb the training's random stream (resume
-        # restores the stream as it is after the evaluation).
+        # restores the stream as it is after the evaluation). Under FSDP every
+        # process runs it (each layer is gathered on all of them together).
         with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
             entry = {"step": step}
             if eval_examples:
@@ -246,12 +232,14 @@ def train(config: TrainConfig, out_dir: str | os.PathLike, *, resume: bool = Fal
         state["evaluations"].append(entry)
         if on_evaluation is not None:
             on_evaluation(entry)
-        if progress == "log":
+        if say and progress == "log":
             parts = [f"{k} {v:.4f}" for k, v in entry.items() if k != "step"]
             print(f"eval at step {step}: " + ", ".join(parts), flush=True)
 
+    if note and say:
+        print(note, flush=True)
     bar = None
-    if progress == "bar":
+    if progress == "bar" and processes.writes:
         from tqdm.auto import tqdm
 
         bar = tqdm(total=config.max_steps, initial=state["step"], desc="finetune", unit="step",
@@ -266,49 +254,54 @@ def train(config: TrainConfig, out_dir: str | os.PathLike, *, resume: bool = Fal
         micro = [schedule[(step - 1) * config.gradient_accumulation_steps + i]
                  for i in range(config.gradient_accumulation_steps)]
         batches = [data_lib.collate([train_examples[j] for j in idx], pad_id) for idx in micro]
-        n_labelled = sum(evaluate.labelled_tokens(b["labels"]) for b in batches)
+        n_labelled = sum(evaluate.labelled_tokens(b["labels"]) for b in batches)  # the whole step's
         step_loss, tokens = 0.0, 0
-        for batch in batches:
+        for batch in processes.my_share(batches):
             tokens += int(batch["attention_mask"].sum())
             batch = {k: v.to(device) for k, v in batch.items()}
             loss = causal_lm_loss(model, **batch, num_items_in_batch=n_labelled)
-            loss.backward()
+            processes.backward(loss)
             step_loss += loss.item()
-        grad_norm = torch.nn.utils.clip_grad_norm_(trainable, config.max_grad_norm)
+        grad_norm = processes.norm(torch.nn.utils.clip_grad_norm_(trainable, config.max_grad_norm))
         lr = optimizer.param_groups[0]["lr"]
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
+        step_loss, tokens = processes.sum(step_loss), int(processes.sum(float(tokens)))
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)  # kernels run asynchronously: the step ends when they do
         seconds = time.perf_counter() - step_start
-        entry = {"step": step, "loss": step_loss, "lr": lr, "grad_norm": float(grad_norm),
+        entry = {"step": step, "loss": step_loss, "lr": lr, "grad_norm": grad_norm,
                  "tokens": tokens, "seconds": seconds}
         state["history"].append(entry)
         state["step"] = step
         if bar is not None:
             bar.update(1)
             bar.set_postfix(loss=f"{step_loss:.4f}", tok_s=f"{tokens / seconds:,.0f}")
-        elif progress == "log" and (step % config.eval_every == 0 or step == config.max_steps):
+        elif say and progress == "log" and (step % config.eval_every == 0 or step == config.max_steps):
             print(_log_line(step, config.max_steps, step_loss, lr, tokens / seconds), flush=True)
         if step % config.eval_every == 0 or step == config.max_steps:
             run_evaluation(step)
         if step % config.save_every == 0 and step < config.max_steps:
-            save_checkpoint(out_dir, step, write_adapter, optimizer, scheduler, state, config.keep_checkpoints)
+            write_adapter = processes.adapter_writer(model, config.model)  # under FSDP: every process gathers
+            training_state = processes.training_state(model, optimizer, scheduler)
+            if processes.writes:
+                save_checkpoint(out_dir, step, write_adapter, training_state, state, config.keep_checkpoints)
+            processes.barrier()
         if on_step is not None:
             on_step(entry)
     if bar is not None:
         bar.close()
 
     result.adapter_dir = out_dir / ADAPTER_DIR
-    backends.save_adapter(model, result.adapter_dir, base_model_name_or_path=config.model, overwrite=True)
+    write_adapter = processes.adapter_writer(model, config.model)
     metrics = {"config": dataclasses.asdict(config), "history": state["history"],
-               "evaluations": state["evaluations"], "backend": backend}
-    if device.type == "cuda":
-        # PyTorch's allocations only: bitsandbytes' paged optimizer states live
-        # in CUDA unified memory, outside them (see python -m qlora_lab gpu-smoke).
-        metrics["peak_gpu_allocated_bytes"] = torch.cuda.max_memory_allocated(device)
-        free, total = torch.cuda.mem_get_info(device)
-        metrics["gpu_used_bytes_at_end"] = total - free
-    (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=1))
+               "evaluations": state["evaluations"], "backend": result.backend,
+               **processes.metrics(model, optimizer, device)}
+    if processes.writes:
+        write_adapter(result.adapter_dir)
+        (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=1))
+    processes.barrier()
     result.history, result.evaluations = state["history"], state["evaluations"]
     result.seconds = time.perf_counter() - started
     result.model, result.tokenizer = model, tokenizer

@@ -16,6 +16,7 @@ from typing import Any
 
 import torch
 
+from qlora_lab.finetune.recipe import GUANACO_7B
 from qlora_lab.support.checks import as_dtype, check_choice, check_positive
 from qlora_lab.support.model_config import model_shape
 
@@ -28,8 +29,9 @@ ATTENTION_KINDS = ("sdpa", "eager")
 output and a log-sum-exp; ``eager``: the textbook softmax(QK^T)V that saves the
 (seq_len x seq_len) attention probabilities of every head."""
 
-GUANACO_LORA_R = 64
-"""The LoRA rank of the Guanaco recipe (QLoRA, Sec. 5)."""
+GUANACO_LORA_R = GUANACO_7B.r
+"""The LoRA rank of the Guanaco recipe (QLoRA, Sec. 5), read from the recipe
+itself (:data:`qlora_lab.finetune.recipe.GUANACO_7B`), where it is written once."""
 
 FP32 = 4
 INT64 = 8

@@ -8,7 +8,9 @@ Read it in this order; each module is one idea:
    (:func:`load_smollm2`).
 2. :mod:`qlora_lab.models.tiny`: a random Llama with SmolLM2's structure
    (:func:`tiny_llama`) and a tiny chat model with its own tokenizer on disk.
-3. :mod:`qlora_lab.models.hub`: any model by hub id or local directory
+3. :mod:`qlora_lab.models.generation`: :func:`greedy`, the one greedy
+   decoding every reply of the course goes through.
+4. :mod:`qlora_lab.models.hub`: any model by hub id or local directory
    (:func:`load_model`), and :func:`chat`, a greedy reply to a conversation.
 
 The configurations of LLaMA 7B-65B and Llama-2-70B ship with the package
@@ -18,6 +20,7 @@ chapters count a 7B model's parameters without having it.
 Every public name is importable from ``qlora_lab.models`` directly.
 """
 
+from qlora_lab.models.generation import greedy
 from qlora_lab.models.hub import chat, checkpoint_directory, load_model
 from qlora_lab.models.smollm2 import (
     CACHE_ENV,
@@ -49,6 +52,7 @@ __all__ = [
     "cache_dir",
     "cache_problem",
     "chat",
+    "greedy",
     "checkpoint_directory",
     "load_model",
     "load_smollm2",

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import torch
 
+from qlora_lab.models.generation import greedy
 from qlora_lab.models.smollm2 import SMOLLM2_NAMES, ModelNotAvailableError, load_smollm2, smollm2_cache_path
 from qlora_lab.models.tiny import tiny_llama
 from qlora_lab.support.loading import quiet_loading
@@ -136,14 +137,7 @@ def chat(model, tokenizer, conversation, max_new_tokens: int = 64) -> str:
     inputs = tokenizer.apply_chat_template(
         conversation, add_generation_prompt=True, return_tensors="pt", return_dict=True
     )
-    device = next(model.parameters()).device
-    inputs = {k: v.to(device) for k, v in inputs.items()}
-    with torch.no_grad():
-        output = model.generate(
-            **inputs,
-            max_new_tokens=max_new_tokens,
-            do_sample=False,
-            pad_token_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id,
-        )
-    new_tokens = output[0, inputs["input_ids"].shape[1]:]
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    (new_tokens,) = greedy(model, inputs["input_ids"], inputs["attention_mask"], max_new_tokens=max_new_tokens,
+                           pad_id=pad)
     return tokenizer.decode(new_tokens, skip_special_tokens=True).strip()

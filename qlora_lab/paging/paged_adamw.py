@@ -76,7 +76,7 @@ from torch.optim import Optimizer
 from qlora_lab.paging.device_pool import DevicePool, format_size
 from qlora_lab.paging.pager import DEFAULT_PAGE_BYTES, PagedTensor, Pager, PagingCounters
 from qlora_lab.support.checks import check_nbytes
-from qlora_lab.support.counting import tensor_bytes
+from qlora_lab.support.counting import distinct_tensors, local_bytes
 
 __all__ = ["PagedAdamW", "optimizer_state_bytes"]
 
@@ -364,7 +364,8 @@ def _adamw_update(p: torch.Tensor, grad: torch.Tensor, exp_avg: torch.Tensor, ex
 
 def optimizer_state_bytes(optimizer: Optimizer, *, by_key: bool = False) -> int | dict[str, int]:
     """Bytes of optimizer state: the sum of the sizes of the tensors in
-    ``optimizer.state`` (``numel * element_size``).
+    ``optimizer.state`` (``numel * element_size``; of a tensor FSDP shards,
+    the shard this process holds).
 
     Works for any ``torch.optim.Optimizer``: torch's AdamW (``step``,
     ``exp_avg``, ``exp_avg_sq``), bitsandbytes' 8-bit optimizers (``state1``,
@@ -379,19 +380,16 @@ def optimizer_state_bytes(optimizer: Optimizer, *, by_key: bool = False) -> int 
     """
     if not isinstance(optimizer, Optimizer):
         raise TypeError(f"optimizer_state_bytes takes a torch.optim.Optimizer, got {type(optimizer).__name__}")
-    seen: set[tuple[int, int, torch.dtype]] = set()
     totals: dict[str, int] = {}
+    key_of: dict[int, str] = {}  # each plain tensor's first state key, to file its bytes under
+    tensors = []
     for values in optimizer.state.values():
         for key, value in values.items():
             if isinstance(value, PagedTensor):
-                nbytes = value.nbytes
+                totals[key] = totals.get(key, 0) + value.nbytes
             elif isinstance(value, torch.Tensor):
-                ident = (value.data_ptr(), value.numel(), value.dtype)
-                if value.numel() and ident in seen:
-                    continue
-                seen.add(ident)
-                nbytes = tensor_bytes(value)
-            else:
-                continue
-            totals[key] = totals.get(key, 0) + nbytes
+                key_of.setdefault(id(value), key)
+                tensors.append(value)
+    for t in distinct_tensors(tensors):  # the course's one rule for "the same tensor" (support.counting)
+        totals[key_of[id(t)]] = totals.get(key_of[id(t)], 0) + local_bytes(t)
     return totals if by_key else sum(totals.values())

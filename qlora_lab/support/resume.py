@@ -83,11 +83,13 @@ def _sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def save_checkpoint(out_dir: Path, step: int, write_adapter: Callable[[Path], Any], optimizer, scheduler,
+def save_checkpoint(out_dir: Path, step: int, write_adapter: Callable[[Path], Any], training_state: dict[str, Any],
                     state: dict, keep: int) -> Path:
     """Write ``checkpoint-<step>`` all at once: the adapter (``write_adapter(path)``
-    saves it into the directory ``path``), the optimizer's, scheduler's and
-    random generators' states, and last the trainer state; then the whole
+    saves it into the directory ``path``), ``training_state`` (the optimizer's,
+    scheduler's and random generators' states: ``{"optimizer", "scheduler",
+    "rng"}``, as ``train.OneProcess.training_state`` returns them) in
+    ``training_state.pt``, and last the trainer state; then the whole
     directory is renamed into place, and all but the newest ``keep``
     checkpoints are deleted. A checkpoint of the same step left by an
     interrupted run (one that resumed from an earlier checkpoint) is replaced."""
@@ -95,8 +97,7 @@ def save_checkpoint(out_dir: Path, step: int, write_adapter: Callable[[Path], An
     try:
         with atomic_directory(final, overwrite=True) as staging:
             write_adapter(staging / ADAPTER_DIR)
-            torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                        "rng": rng_state()}, staging / TRAINING_STATE)
+            torch.save(training_state, staging / TRAINING_STATE)
             # The trainer state, written last, records every file's SHA-256: a
             # flipped bit on disk is then found on resume (torch.load does not check).
             digests = {str(f.relative_to(staging)): _sha256(f) for f in sorted(staging.rglob("*")) if f.is_file()}

@@ -1,0 +1,106 @@
+"""What a training step is made of, before the loop puts it together
+(chapter 07; the loop is :mod:`qlora_lab.finetune.train`).
+
+1. The device: CUDA when there is one; the 7B presets refuse a machine without.
+2. The model: loaded, quantized, given adapters by the run's backend
+   (:mod:`qlora_lab.finetune.backends`).
+3. The optimizer: bitsandbytes' paged AdamW 32-bit on CUDA, as in the paper;
+   on a CPU torch's AdamW, or the course's paged AdamW of chapter 06.
+4. The learning rate: constant after a linear warmup.
+5. The order of the batches: a pure function of the seed and the micro-batch's
+   index (:class:`BatchSchedule`), so that nothing about it needs saving in a
+   checkpoint and a resumed run sees the batches an uninterrupted one would.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from qlora_lab.finetune import data as data_lib
+from qlora_lab.finetune.recipe import TrainConfig
+
+__all__ = ["BatchSchedule", "build_model", "build_optimizer", "compute_dtype_for", "constant_schedule_with_warmup",
+           "resolve_device"]
+
+
+# --------------------------------------------------------------------------- #
+# Device, model, optimizer
+# --------------------------------------------------------------------------- #
+def resolve_device(config: TrainConfig) -> torch.device:
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    if config.requires_gpu:
+        raise RuntimeError(
+            "This preset is the 7B recipe and needs a CUDA GPU (bfloat16 compute and bitsandbytes' paged "
+            "AdamW); this machine has none. Run it with --dry-run to see the configuration and the memory "
+            "estimate, or use --preset smollm2-cpu.")
+    return torch.device("cpu")
+
+
+def compute_dtype_for(config: TrainConfig, device: torch.device) -> torch.dtype:
+    from qlora_lab.finetune.backends import compute_dtype
+
+    return compute_dtype(config, device)
+
+
+def build_model(config: TrainConfig, device: torch.device, model=None, tokenizer=None, backend: str | None = None):
+    """Load (unless given), quantize (for ``qlora``), add LoRA adapters, and
+    switch on gradient checkpointing with the run's backend
+    (:func:`qlora_lab.finetune.backends.build_model`): ``(model, tokenizer)``."""
+    from qlora_lab.finetune import backends
+
+    backend = backend or backends.resolve_backend(config.backend, device, model_given=model is not None)
+    return backends.build_model(config, device, backend, model, tokenizer)
+
+
+def build_optimizer(config: TrainConfig, params: list[torch.Tensor], device: torch.device):
+    name = config.optimizer
+    if name == "auto":
+        name = "paged_adamw_32bit" if device.type == "cuda" else "adamw"
+    kwargs = dict(lr=config.learning_rate, betas=(config.adam_beta1, config.adam_beta2),
+                  weight_decay=config.weight_decay)
+    if name == "paged_adamw_32bit":
+        if device.type != "cuda":
+            raise ValueError("optimizer paged_adamw_32bit is bitsandbytes' paged AdamW, which pages through CUDA "
+                             "unified memory; on a CPU choose adamw (torch) or paged_adamw (the course's, chapter 06)")
+        import bitsandbytes as bnb
+
+        return bnb.optim.PagedAdamW32bit(params, **kwargs)
+    if name == "paged_adamw":
+        from qlora_lab.paging.paged_adamw import PagedAdamW
+
+        return PagedAdamW(params, page_bytes=1 << 20, **kwargs)
+    return torch.optim.AdamW(params, foreach=False, **kwargs)
+
+
+def constant_schedule_with_warmup(optimizer, warmup_steps: int) -> torch.optim.lr_scheduler.LambdaLR:
+    """Learning rate ``lr * min(1, step / warmup_steps)``: a linear warmup from
+    0, then constant (transformers' ``constant_with_warmup``)."""
+    def factor(step: int) -> float:
+        return min(1.0, step / warmup_steps) if warmup_steps > 0 else 1.0
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+# --------------------------------------------------------------------------- #
+# Data order: a pure function of (seed, micro-batch index)
+# --------------------------------------------------------------------------- #
+class BatchSchedule:
+    """Micro-batch ``k`` of the run is batch ``k % n`` of epoch ``k // n``, where
+    epoch ``e`` is ordered by :func:`qlora_lab.finetune.data.make_batches` with seed
+    ``seed + e``. Nothing about the data order needs saving in a checkpoint."""
+
+    def __init__(self, lengths: list[int], batch_size: int, seed: int, group_by_length: bool):
+        self.lengths, self.batch_size, self.seed, self.group_by_length = lengths, batch_size, seed, group_by_length
+        self._epoch, self._batches = -1, []
+        self.per_epoch = len(self._epoch_batches(0))
+
+    def _epoch_batches(self, epoch: int) -> list[list[int]]:
+        if epoch != self._epoch:
+            self._batches = data_lib.make_batches(self.lengths, self.batch_size, self.seed + epoch,
+                                                  self.group_by_length)
+            self._epoch = epoch
+        return self._batches
+
+    def __getitem__(self, k: int) -> list[int]:
+        return self._epoch_batches(k // self.per_epoch)[k % self.per_epoch]
