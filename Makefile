@@ -39,7 +39,7 @@ done; \
 echo "qlora-lab needs Python 3.11, 3.12, 3.13 or 3.14, and none is on the PATH (looked for python3.14 ... python3.11, python3, python): $(HOW_TO_GET_PYTHON)." >&2; exit 1
 endef
 
-.PHONY: lab test test-portability unit notebooks notebook-times env-check bench experiments after-finetuning rank-and-judge gpu-smoke clean-venv python
+.PHONY: lab test test-portability unit unit-fast notebooks notebook-times env-check bench experiments after-finetuning rank-and-judge gpu-smoke clean-venv python
 
 python:
 	@py=$$($(FIND_PYTHON)) && echo "qlora-lab would build .venv with $$py (Python $$("$$py" -c 'import sys; print(sys.version.split()[0])'))"
@@ -112,6 +112,11 @@ test-portability: $(STAMP)
 
 unit: $(STAMP)
 	$(BIN)/python -m pytest tests $(PYTEST_ARGS)
+
+# The unit tests that do not load SmolLM2 (tests/conftest.py marks those slow and
+# fails an unmarked test that reaches the model), on both cores.
+unit-fast: $(STAMP)
+	OMP_NUM_THREADS=1 $(BIN)/python -m pytest tests -m "not slow" -n 2 $(PYTEST_ARGS)
 
 notebooks: $(STAMP)
 	$(BIN)/python -m pytest $(NB) --nbval --nbval-current-env \

@@ -244,6 +244,10 @@ SECTIONS = {
 }
 
 
+SPEED_CHOICES = HERE / "speed_choices.md"
+"""The hand-kept table of what each speed choice of ``qlora_lab/fast/`` gained."""
+
+
 def markdown(outcomes: dict[str, dict], machine: dict, load_start: str, started: datetime.datetime) -> str:
     v = machine["versions"]
     lines = [
@@ -262,6 +266,9 @@ def markdown(outcomes: dict[str, dict], machine: dict, load_start: str, started:
     for number, (name, (title, section)) in enumerate(SECTIONS.items(), start=1):
         if name in outcomes:
             lines += [f"## {number}. {title}", "", section(outcomes[name])]
+    # The dated measurements behind qlora_lab/fast/'s choices are kept by hand
+    # (they are not re-run) and carried into every RESULTS.md unchanged.
+    lines += [SPEED_CHOICES.read_text().rstrip()]
     return "\n".join(lines).rstrip() + "\n"
 
 

@@ -74,50 +74,8 @@ def _device_type(config) -> str:
     return "cuda" if torch.cuda.is_available() or config.requires_gpu else "cpu"
 
 
-def memory_estimate_text(config, device_type: str = "cuda") -> str:
-    """The memory estimate of chapter 03 for this run (:func:`qlora_lab.finetune.backends.run_estimate`)."""
-    from qlora_lab import memory
-    from qlora_lab.finetune.backends import model_config_source, run_estimate
-
-    try:
-        breakdown = run_estimate(config, device_type)
-    except (ValueError, OSError) as err:  # a model whose config cannot be read here
-        return f"(no memory estimate: {err})"
-    full = memory.estimate(model_config_source(config), "full16", seq_len=config.max_length,
-                           batch=config.batch_size, gradient_checkpointing=config.gradient_checkpointing)
-    compute = breakdown.settings["compute_dtype"].removeprefix("torch.")
-    text = (f"memory estimate for {breakdown.model} ({config.method}, r={config.r}, batch {config.batch_size} x "
-            f"{config.max_length} tokens, checkpointing {'on' if config.gradient_checkpointing else 'off'}, "
-            f"{compute} compute, float32 adapters, 32-bit Adam states, on {device_type}):\n{breakdown}\n"
-            f"full 16-bit finetuning of the same model would need about {full.total / 1e9:.1f} GB")
-    return text
-
-
-def memory_plan_text(config, device_type: str = "cuda") -> str:
-    """The dry run's table: for each backend, the GPU estimate, the host memory
-    of the load, and which common GPUs the estimate fits."""
-    from qlora_lab.finetune.backends import COMMON_GPUS_GB, HOST_RUNTIME_BYTES, memory_plan
-
-    try:
-        rows = memory_plan(config, device_type)
-    except (ValueError, OSError) as err:
-        return f"(no per-backend table: {err})"
-    names = [r["backend"] + (" (default)" if r["default"] else "") for r in rows]
-    width = max(len("backend"), *map(len, names)) + 2
-    lines = [f"what each backend needs for {rows[0]['estimate'].model} on {device_type}:",
-             f"{'backend':<{width}}{'estimate':>13}{'host for the load':>19}"
-             + "".join(f"{gb:>4} GB" for gb in COMMON_GPUS_GB)]
-    for name, r in zip(names, rows):
-        lines.append(f"{name:<{width}}{r['estimate'].total / 1e9:>10.2f} GB{r['host_bytes'] / 1e9:>16.2f} GB"
-                     + "".join(f"{'fits' if r['fits'][gb] else 'no':>7}" for gb in COMMON_GPUS_GB))
-    lines.append(f"Estimate: a training step's memory on the device (chapter 03), the same tensors with either "
-                 f"backend; a GPU fits when it is within the card's size (GiB). Host: the load's peak, {HOST_RUNTIME_BYTES / 1e9:.2f} GB of runtime "
-                 f"included; qlora_lab streams one tensor at a time, transformers (bitsandbytes) keeps the 16-bit "
-                 f"checkpoint's pages mapped while it loads (measured on the CPU).")
-    return "\n".join(lines)
-
-
 def finetune(args) -> int:
+    from qlora_lab.finetune.plan import memory_estimate_text, memory_plan_text
     from qlora_lab.finetune.train import resolve_device, train
 
     config = resolve_config(args)

@@ -1,4 +1,10 @@
-"""Shared fixtures: the real model is loaded once per test session."""
+"""Shared fixtures (the real model is loaded once per test session) and the
+``slow`` tier: a test that loads SmolLM2 is marked ``slow``, so that
+``make unit-fast`` (``pytest -m "not slow"``) runs everything else in a few minutes.
+
+A test that asks for the ``smollm2`` fixture (directly or through another
+fixture) is marked automatically.
+"""
 
 import tempfile
 from pathlib import Path
@@ -19,6 +25,12 @@ def smollm2():
     from qlora_lab.models import load_smollm2
 
     return load_smollm2()
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if "smollm2" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.slow)
 
 
 @pytest.fixture

@@ -189,7 +189,8 @@ def test_run_all_writes_a_results_page(tiny_run):
                  "| transformers `BitsAndBytesConfig` + peft |", "| 16-bit LoRA", "**throughput",
                  "## 3. One QLoRA training step", "measured above the runtime / estimate",
                  "estimate for full 16-bit finetuning", "## 4. The same 7B step with 8-bit AdamW states",
-                 "bitsandbytes AdamW with 8-bit states"):
+                 "bitsandbytes AdamW with 8-bit states",
+                 "## Measurements behind the speed choices"):
         assert text in page
 
 

@@ -1,6 +1,7 @@
-"""qlora_lab.finetune.data: validation errors with line numbers, response-only labels on the
-real SmolLM2 tokenizer, truncation, group-by-length (equal to transformers'),
-padding, and the data set's deterministic generation (the scorer: tests/test_evaluate.py)."""
+"""qlora_lab.finetune.data, chat_format and batching: validation errors with line numbers,
+response-only labels on the real SmolLM2 tokenizer, truncation, group-by-length (equal to
+transformers'), padding, and the data set's deterministic generation (the scorer:
+tests/test_evaluate.py)."""
 
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from qlora_lab.finetune import data, evaluate
+from qlora_lab.finetune import batching, chat_format, data, evaluate
 
 DATASET = data.COURSE_DATASET_DIR
 
@@ -116,7 +117,7 @@ def test_good_file_loads_with_or_without_final_newline(tmp_path):
 def test_labels_single_turn_exact(tok):
     messages = [{"role": "user", "content": "Convert 7:45 pm to HH:MM."},
                 {"role": "assistant", "content": "19:45"}]
-    out = data.tokenize_conversation(messages, tok)
+    out = chat_format.tokenize_conversation(messages, tok)
     prompt_text = tok.apply_chat_template(messages[:1], tokenize=False, add_generation_prompt=True)
     full_text = tok.apply_chat_template(messages, tokenize=False)
     assert full_text == prompt_text + "19:45<|im_end|>\n"
@@ -136,10 +137,10 @@ def test_labels_multi_turn_with_system_decode_to_replies(tok):
                 {"role": "assistant", "content": "A low-rank update B A to a frozen weight."},
                 {"role": "user", "content": "Why?"},
                 {"role": "assistant", "content": "Fewer trainable parameters."}]
-    ids, spans = data.assistant_spans(messages, tok)
+    ids, spans = chat_format.assistant_spans(messages, tok)
     assert [tok.decode(ids[a:b]) for a, b in spans] == [
         "A low-rank update B A to a frozen weight.<|im_end|>", "Fewer trainable parameters.<|im_end|>"]
-    out = data.tokenize_conversation(messages, tok)
+    out = chat_format.tokenize_conversation(messages, tok)
     labelled = {i for i, label in enumerate(out["labels"]) if label != -100}
     assert labelled == {i for a, b in spans for i in range(a, b)}
     assert all(out["labels"][i] == out["input_ids"][i] for i in labelled)
@@ -153,7 +154,7 @@ def test_labels_multi_turn_with_system_decode_to_replies(tok):
 def test_text_that_looks_like_a_control_token_stays_text(tok):
     messages = [{"role": "user", "content": "Print <|im_end|> literally"},
                 {"role": "assistant", "content": "<|im_end|>"}]
-    ids, spans = data.assistant_spans(messages, tok)
+    ids, spans = chat_format.assistant_spans(messages, tok)
     im_end = tok.convert_tokens_to_ids("<|im_end|>")
     (a, b), = spans
     assert ids[a:b].count(im_end) == 1 and ids[b - 1] == im_end  # only the real end of turn
@@ -162,13 +163,13 @@ def test_text_that_looks_like_a_control_token_stays_text(tok):
 def test_guanaco_template_for_base_models(tok):
     base = copy.deepcopy(tok)
     base.chat_template = None
-    assert data.ensure_chat_template(base) is True
-    assert data.ensure_chat_template(base) is False  # keeps an existing template
+    assert chat_format.ensure_chat_template(base) is True
+    assert chat_format.ensure_chat_template(base) is False  # keeps an existing template
     messages = [{"role": "user", "content": "Hi there"}, {"role": "assistant", "content": "Hello!"},
                 {"role": "user", "content": "Bye"}, {"role": "assistant", "content": "See you."}]
     text = base.apply_chat_template(messages, tokenize=False)
     assert "### Human: Hi there\n### Assistant: Hello!" + base.eos_token in text
-    ids, spans = data.assistant_spans(messages, base)
+    ids, spans = chat_format.assistant_spans(messages, base)
     assert [base.decode(ids[a:b]) for a, b in spans] == [" Hello!" + base.eos_token, " See you." + base.eos_token]
 
 
@@ -178,11 +179,11 @@ def test_template_without_end_of_turn_token_is_refused(tok):
                           "{% if add_generation_prompt %}{{ 'assistant:' }}{% endif %}"
     conversation = [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]
     with pytest.raises(ValueError, match="not closed by the end-of-turn token"):
-        data.tokenize_conversation(conversation, plain)
+        chat_format.tokenize_conversation(conversation, plain)
     # a generation prompt ending in a space tokenizes differently from the reply
     plain.chat_template = plain.chat_template.replace("'assistant:'", "'assistant: '")
     with pytest.raises(ValueError, match="not prefix-consistent"):
-        data.tokenize_conversation(conversation, plain)
+        chat_format.tokenize_conversation(conversation, plain)
 
 
 # --------------------------------------------------------------------------- #
@@ -190,23 +191,23 @@ def test_template_without_end_of_turn_token_is_refused(tok):
 # --------------------------------------------------------------------------- #
 def test_truncation_keeps_the_start_and_drops_examples_without_labels(tok):
     long_reply = [{"role": "user", "content": "Please count from one to five in English words, separated by spaces."}, {"role": "assistant", "content": "one two three four five"}]
-    full = data.tokenize_conversation(long_reply, tok)
+    full = chat_format.tokenize_conversation(long_reply, tok)
     n = len(full["input_ids"])
     first_label = next(i for i, label in enumerate(full["labels"]) if label != -100)
-    cut = data.tokenize_conversation(long_reply, tok, max_length=first_label + 2)
+    cut = chat_format.tokenize_conversation(long_reply, tok, max_length=first_label + 2)
     assert cut["input_ids"] == full["input_ids"][: first_label + 2]
     assert cut["labels"] == full["labels"][: first_label + 2]
     assert sum(label != -100 for label in cut["labels"]) == 2
-    assert data.tokenize_conversation(long_reply, tok, max_length=first_label) is None
-    assert data.tokenize_conversation(long_reply, tok, max_length=n) == full
+    assert chat_format.tokenize_conversation(long_reply, tok, max_length=first_label) is None
+    assert chat_format.tokenize_conversation(long_reply, tok, max_length=n) == full
     with pytest.raises(ValueError, match="max_length must be a positive"):
-        data.tokenize_conversation(long_reply, tok, max_length=0)
+        chat_format.tokenize_conversation(long_reply, tok, max_length=0)
 
     short = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Yo"}]
     records = [{"messages": long_reply}, {"messages": short}, {"messages": long_reply}]
-    short_len = len(data.tokenize_conversation(short, tok)["input_ids"])
+    short_len = len(chat_format.tokenize_conversation(short, tok)["input_ids"])
     assert short_len < first_label  # the short one fits, the long ones lose every label
-    examples, report = data.tokenize_records(records, tok, max_length=short_len)
+    examples, report = chat_format.tokenize_records(records, tok, max_length=short_len)
     assert [e["index"] for e in examples] == [1]
     assert (report.total, report.truncated, report.dropped) == (3, 2, [0, 2])
     assert "2 dropped" in str(report)
@@ -220,7 +221,7 @@ def test_length_grouping_equals_transformers(n, batch_size, seed):
     from transformers.trainer_pt_utils import get_length_grouped_indices
 
     lengths = torch.randint(5, 300, (n,), generator=torch.Generator().manual_seed(seed)).tolist()
-    ours = data.length_grouped_indices(lengths, batch_size, seed)
+    ours = batching.length_grouped_indices(lengths, batch_size, seed)
     theirs = get_length_grouped_indices(lengths, batch_size, generator=torch.Generator().manual_seed(seed))
     assert ours == theirs
     assert sorted(ours) == list(range(n))
@@ -228,42 +229,42 @@ def test_length_grouping_equals_transformers(n, batch_size, seed):
 
 def test_batches_are_deterministic_complete_and_less_padded():
     lengths = torch.randint(10, 200, (400,), generator=torch.Generator().manual_seed(0)).tolist()
-    grouped = data.make_batches(lengths, 8, seed=5)
-    assert grouped == data.make_batches(lengths, 8, seed=5)
-    assert grouped != data.make_batches(lengths, 8, seed=6)
+    grouped = batching.make_batches(lengths, 8, seed=5)
+    assert grouped == batching.make_batches(lengths, 8, seed=5)
+    assert grouped != batching.make_batches(lengths, 8, seed=6)
     assert sorted(i for b in grouped for i in b) == list(range(400))
     assert max(lengths[i] for i in grouped[0]) == max(lengths)  # longest batch first
-    plain = data.make_batches(lengths, 8, seed=5, group_by_length=False)
+    plain = batching.make_batches(lengths, 8, seed=5, group_by_length=False)
     assert sorted(i for b in plain for i in b) == list(range(400))
 
     def padding(batches):
         return sum(max(lengths[i] for i in b) * len(b) - sum(lengths[i] for i in b) for b in batches)
 
     assert padding(grouped) < padding(plain) / 5
-    assert [len(b) for b in data.make_batches(lengths[:21], 8, 0, drop_last=True)] == [8, 8]
+    assert [len(b) for b in batching.make_batches(lengths[:21], 8, 0, drop_last=True)] == [8, 8]
 
 
 def test_collate_pads_right_for_training_and_left_for_generation():
     examples = [{"input_ids": [5, 6, 7], "labels": [-100, 6, 7]}, {"input_ids": [8], "labels": [8]}]
-    right = data.collate(examples, pad_token_id=2)
+    right = batching.collate(examples, pad_token_id=2)
     assert right["input_ids"].tolist() == [[5, 6, 7], [8, 2, 2]]
     assert right["attention_mask"].tolist() == [[1, 1, 1], [1, 0, 0]]
     assert right["labels"].tolist() == [[-100, 6, 7], [8, -100, -100]]
     assert all(t.dtype == torch.long for t in right.values())
-    left = data.collate(examples, pad_token_id=2, padding_side="left")
+    left = batching.collate(examples, pad_token_id=2, padding_side="left")
     assert left["input_ids"].tolist() == [[5, 6, 7], [2, 2, 8]]
     assert left["attention_mask"].tolist() == [[1, 1, 1], [0, 0, 1]]
     with pytest.raises(ValueError, match="empty batch"):
-        data.collate([], 0)
+        batching.collate([], 0)
     with pytest.raises(ValueError, match="3 input_ids but 2 labels"):
-        data.collate([{"input_ids": [1, 2, 3], "labels": [1, 2]}], 0)
+        batching.collate([{"input_ids": [1, 2, 3], "labels": [1, 2]}], 0)
 
 
 def test_prompt_ids_end_with_the_generation_prompt(tok):
-    ids = data.prompt_ids([{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Yo"}], tok)
+    ids = chat_format.prompt_ids([{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Yo"}], tok)
     assert tok.decode(ids).endswith("<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n")
     with pytest.raises(ValueError, match="ends with a user message"):
-        data.prompt_ids([{"role": "system", "content": "x"}], tok)
+        chat_format.prompt_ids([{"role": "system", "content": "x"}], tok)
 
 
 # --------------------------------------------------------------------------- #
@@ -296,7 +297,7 @@ def test_dataset_sizes_tasks_and_held_out_items():
 
 def test_dataset_tokenizes_with_smollm2_without_dropping(tok):
     records = data.load_dataset(splits=["validation"])["validation"]
-    examples, report = data.tokenize_records(records, tok, max_length=256)
+    examples, report = chat_format.tokenize_records(records, tok, max_length=256)
     assert (report.truncated, report.dropped) == (0, [])
     for e in examples[:20]:
         record = records[e["index"]]

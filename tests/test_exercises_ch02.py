@@ -2,7 +2,7 @@ import torch
 from scipy.stats import norm
 
 from qlora_lab.exercises import ch02
-from qlora_lab.quant import nf4
+from qlora_lab.quant import codes
 
 from exercise_feedback import assert_bugs_are_feedback
 
@@ -12,7 +12,7 @@ def not_attempted(*args):
 
 
 def right_code(bits):
-    offset = nf4.normal_float_offset(bits)
+    offset = codes.normal_float_offset(bits)
     half = 2 ** (bits - 1)
     positive = norm.ppf(torch.linspace(offset, 0.5, half + 1, dtype=torch.float64)[:-1].numpy())
     negative = -norm.ppf(torch.linspace(offset, 0.5, half, dtype=torch.float64)[:-1].numpy())
@@ -22,9 +22,9 @@ def right_code(bits):
 
 def test_exercise_1(capsys):
     assert ch02.check_exercise_1(right_code)  # float64 arithmetic is within tolerance
-    assert ch02.check_exercise_1(nf4.normal_float_code)
+    assert ch02.check_exercise_1(codes.normal_float_code)
     assert "correct" in capsys.readouterr().out
-    assert not ch02.check_exercise_1(lambda bits: nf4.normal_float_code(bits, symmetric=True))
+    assert not ch02.check_exercise_1(lambda bits: codes.normal_float_code(bits, symmetric=True))
     assert "exact zero" in capsys.readouterr().out
     assert not ch02.check_exercise_1(lambda bits: right_code(bits) * 1.8)
     assert "largest value" in capsys.readouterr().out

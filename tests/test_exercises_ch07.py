@@ -4,7 +4,7 @@ treat a skeleton as "not attempted yet" without raising."""
 import pytest
 
 from qlora_lab.exercises import ch07
-from qlora_lab.finetune import data as data_lib
+from qlora_lab.finetune import chat_format
 
 from exercise_feedback import assert_bugs_are_feedback
 
@@ -58,7 +58,7 @@ def test_exercise_1_skeleton_is_not_attempted(capsys):
 
 
 def _span_labels(input_ids, spans):
-    labels = [data_lib.IGNORE_INDEX] * len(input_ids)
+    labels = [chat_format.IGNORE_INDEX] * len(input_ids)
     for start, end in spans:
         labels[start:end] = input_ids[start:end]
     return labels
@@ -66,7 +66,7 @@ def _span_labels(input_ids, spans):
 
 def make_labels(input_ids, spans, max_length):
     got = never_none(input_ids, spans, max_length)
-    return None if all(label == data_lib.IGNORE_INDEX for label in got[1]) else got
+    return None if all(label == chat_format.IGNORE_INDEX for label in got[1]) else got
 
 
 def never_none(input_ids, spans, max_length):

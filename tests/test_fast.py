@@ -92,11 +92,11 @@ import threading  # noqa: E402
 from qlora_lab.fast import decode as fast_decode  # noqa: E402
 from qlora_lab.fast import nf4 as fast_nf4  # noqa: E402
 from qlora_lab.fast.nearest import nearest_code_table  # noqa: E402
-from qlora_lab.quant import blockwise, nf4  # noqa: E402
+from qlora_lab.quant import blockwise, codes, nf4  # noqa: E402
 
-CODES = {"nf4": nf4.normal_float_code(4), "fp4": nf4.fp4_code(), "int4": nf4.int4_code(),
-         "nf3": nf4.normal_float_code(3), "nf2": nf4.normal_float_code(2),
-         "nf4sym": nf4.normal_float_code(4, symmetric=True), "fp3": nf4.float_code(2, 0), "int3": nf4.integer_code(3)}
+CODES = {"nf4": codes.normal_float_code(4), "fp4": codes.fp4_code(), "int4": codes.int4_code(),
+         "nf3": codes.normal_float_code(3), "nf2": codes.normal_float_code(2),
+         "nf4sym": codes.normal_float_code(4, symmetric=True), "fp3": codes.float_code(2, 0), "int3": codes.integer_code(3)}
 FLOATS = (torch.float32, torch.float16, torch.bfloat16)
 
 
@@ -138,7 +138,7 @@ def awkward_tensors(dtype):
     """Odd sizes, all-zero blocks (full and partial), -0.0, values on the
     thresholds, tiny (subnormal) and huge absmax."""
     g = torch.Generator().manual_seed(1)
-    nf4_thresholds = blockwise.code_thresholds(nf4.normal_float_code())
+    nf4_thresholds = blockwise.code_thresholds(codes.normal_float_code())
     yield torch.randn(3, 333, generator=g)
     yield torch.randn(1, generator=g)
     yield torch.randn(4097, generator=g) * 1e4
@@ -264,7 +264,7 @@ def test_decode_runs_one_openmp_thread_while_python_threads_decode(monkeypatch, 
 
 
 def test_byte_pair_table_holds_both_nibbles():
-    code = nf4.normal_float_code()
+    code = codes.normal_float_code()
     pairs = fast_decode.byte_pair_table(code).view(torch.float32).view(256, 2)
     byte = torch.arange(256)
     assert torch.equal(pairs[:, 0], code[byte >> 4]) and torch.equal(pairs[:, 1], code[byte & 0xF])
@@ -281,7 +281,7 @@ def test_fake_quantization_round_trip_equals_the_definitions(dtype):
             expected = nf4.dequantize_4bit(*nf4.quantize_4bit(x, 64, quant_type, double_quant))
             got = fake_quant.round_trip(x, quant_type, 64, double_quant)
             assert torch.equal(got.view(torch.uint8), expected.view(torch.uint8))
-        for code in (CODES["nf3"], CODES["int3"], nf4.normal_float_code(2)):
+        for code in (CODES["nf3"], CODES["int3"], codes.normal_float_code(2)):
             for blocksize in (64, 100):
                 expected = blockwise.dequantize_blockwise(*blockwise.quantize_blockwise(x, code, blocksize), code,
                                                           blocksize, x.shape, x.dtype)

@@ -210,15 +210,16 @@ def test_missing_distributed_environment(monkeypatch, tmp_path, capsys):
 
 
 # --------------------------------------------------------------------------- #
-# memory.estimate(world_size=N)
+# fits.estimate_per_gpu: chapter 03's estimate for one of N GPUs
 # --------------------------------------------------------------------------- #
 def test_estimate_per_gpu_under_fsdp():
     from qlora_lab.memory import estimate
 
     one = estimate("llama-2-70b", "qlora")
     assert "world_size" not in one.settings
+    assert fits.estimate_per_gpu("llama-2-70b", "qlora", 1) == one
     for n in (2, 4, 8):
-        e = estimate("llama-2-70b", "qlora", world_size=n)
+        e = fits.estimate_per_gpu("llama-2-70b", "qlora", n)
         gathered = e.settings["gathered_bytes"]
         assert e.settings["world_size"] == n
         assert e.optimizer == -(-one.optimizer // n) and e.gradients == -(-one.gradients // n)
@@ -227,9 +228,9 @@ def test_estimate_per_gpu_under_fsdp():
         # Embeddings + head of Llama-2-70B in bf16 (2 x 32000 x 8192 x 2 bytes) and two 4-bit layers.
         assert 1.04e9 < gathered < 2.1e9
     # The issue's question: a 70B model does not fit one 24 GB card, fits two, and 4 x 24 GB leaves room.
-    assert estimate("llama-2-70b", "qlora", world_size=2).peak < 24 * 2**30 < one.peak
-    assert estimate("llama-65b", "qlora", world_size=2).peak < 24 * 2**30
+    assert fits.estimate_per_gpu("llama-2-70b", "qlora", 2).peak < 24 * 2**30 < one.peak
+    assert fits.estimate_per_gpu("llama-65b", "qlora", 2).peak < 24 * 2**30
     for bad in (0, -2, 1.5, True):
         with pytest.raises(ValueError, match="world_size must be a positive integer"):
-            estimate("llama-7b", "qlora", world_size=bad)
+            fits.estimate_per_gpu("llama-7b", "qlora", bad)
     assert "4 x 40 GB" in fits.fits_table() and "Answer.AI" in fits.fits_table()

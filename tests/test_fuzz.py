@@ -12,8 +12,8 @@ never an obscure exception from deep inside.
   lines, BOMs, huge and deeply nested lines. Valid records load back equal.
 * **Quantizers** (:mod:`qlora_lab.quant.nf4`, :mod:`qlora_lab.fast.nf4`,
   :mod:`qlora_lab.quant.blockwise`, :mod:`qlora_lab.quant.double_quant`,
-  :mod:`qlora_lab.quant.int8`): ``dequantize(quantize(x))`` is within the data
-  type's worst-case rounding, derived from its code: for a value scaled into
+  :mod:`qlora_lab.quant.int8`, :mod:`qlora_lab.quant.zeropoint`): ``dequantize(quantize(x))``
+  is within the data type's worst-case rounding, derived from its code: for a value scaled into
   [-1, 1] the nearest code value is at most ``W = max(half the largest gap
   between neighbouring code values, distance from -1 and from 1 to the
   outermost code values)`` away, so the error is at most ``W`` times the
@@ -51,7 +51,7 @@ from qlora_lab.__main__ import build_parser, main, resolve_config
 from qlora_lab.fast import nf4 as fast_nf4
 from qlora_lab.finetune import data
 from qlora_lab.finetune.recipe import PRESETS, TrainConfig
-from qlora_lab.quant import blockwise, int8, nf4
+from qlora_lab.quant import blockwise, codes, int8, nf4, zeropoint
 from qlora_lab.quant import double_quant as dq
 
 CASES: collections.Counter[str] = collections.Counter()
@@ -402,8 +402,8 @@ def test_blockwise_round_trip_with_any_code_and_any_positive_blocksize(x, blocks
     the code's worst-case rounding times the block absmax, for any code and any
     positive block size (here the block size need not be a power of two)."""
     CASES["quant: blockwise round trip"] += 1
-    table = {"nf3": lambda: nf4.normal_float_code(3), "int3": lambda: nf4.integer_code(3),
-             "dynamic": dq.dynamic_map, "e2m1": lambda: nf4.float_code(2, 1)}.get(code, lambda: nf4.code_for(code))()
+    table = {"nf3": lambda: codes.normal_float_code(3), "int3": lambda: codes.integer_code(3),
+             "dynamic": dq.dynamic_map, "e2m1": lambda: codes.float_code(2, 1)}.get(code, lambda: codes.code_for(code))()
     indices, absmax = blockwise.quantize_blockwise(x, table, blocksize)
     y = blockwise.dequantize_blockwise(indices, absmax, table, blocksize, x.shape, x.dtype)
     assert y.shape == x.shape and y.dtype == x.dtype
@@ -446,8 +446,8 @@ def test_int8_round_trips_are_within_half_a_step(x, bits, data_):
     back = int8.absmax_dequantize(q, scale)
     assert q.dtype == torch.int8 and back.shape == x.shape
     assert bool(((x.double() - back.double()).abs() <= 0.5 / scale.double() * (1 + 4 * EPS32) + slack).all())
-    q, scale, zero = int8.zeropoint_quantize(x, bits)
-    back = int8.zeropoint_dequantize(q, scale, zero)
+    q, scale, zero = zeropoint.zeropoint_quantize(x, bits)
+    back = zeropoint.zeropoint_dequantize(q, scale, zero)
     assert bool(((x.double() - back.double()).abs() <= 0.5 / scale * (1 + 4 * EPS32) + slack).all())
     blocksize = data_.draw(st.integers(1, 300) | st.sampled_from(nf4.BLOCKSIZES))
     try:
@@ -498,7 +498,7 @@ def test_quantizers_refuse_bad_arguments_with_a_message_naming_them(data_):
     CASES["quant: bad arguments"] += 1
     draw = data_.draw
     good = torch.randn(draw(st.integers(1, 200)))
-    nf4_code = nf4.code_for("nf4")
+    nf4_code = codes.code_for("nf4")
     which = draw(st.sampled_from(["4bit_tensor", "4bit_blocksize", "4bit_quant_type", "4bit_double_quant",
                                   "blockwise_nonfinite", "blockwise_blocksize", "double_quant_absmax",
                                   "double_quant_blocksize", "int8_tensor", "int8_bits", "int8_dim",
@@ -531,8 +531,9 @@ def test_quantizers_refuse_bad_arguments_with_a_message_naming_them(data_):
         a, word = _bad_tensor(draw)
         if word == "NaN":  # in float32 and 1-D, so that the NaN is what is wrong
             a = a.float().reshape(-1)
-        elif word == "empty" and a.dim() > 1:
-            word = "1-D"
+        elif word == "empty":  # in float32, so that the emptiness (or the shape) is what is wrong
+            a = a.float()
+            word = "1-D" if a.dim() > 1 else word
         calls = [lambda: dq.double_quantize(a)]
     elif which == "double_quant_blocksize":
         b = draw(BAD_BLOCKSIZES | st.sampled_from([32, 63, 65]))
@@ -541,11 +542,11 @@ def test_quantizers_refuse_bad_arguments_with_a_message_naming_them(data_):
         x, word = _bad_tensor(draw)
         if word == "float64":
             return  # the int8 functions take float64 (chapter 01 compares formats)
-        calls = [lambda: int8.absmax_quantize(x), lambda: int8.zeropoint_quantize(x),
+        calls = [lambda: int8.absmax_quantize(x), lambda: zeropoint.zeropoint_quantize(x),
                  lambda: int8.blockwise_absmax_quantize(x)]
     elif which == "int8_bits":
         bits = draw(st.sampled_from([0, 1, 9, 16, -8, 8.0, True, "8", None]))
-        calls = [lambda: int8.absmax_quantize(good, bits), lambda: int8.zeropoint_quantize(good, bits),
+        calls = [lambda: int8.absmax_quantize(good, bits), lambda: zeropoint.zeropoint_quantize(good, bits),
                  lambda: int8.blockwise_absmax_quantize(good, 64, bits)]
         word = "bits"
     elif which == "int8_dim":

@@ -32,12 +32,14 @@ CHECK = """
 import json, sys
 from pathlib import Path
 import qlora_lab
+import qlora_lab.after, qlora_lab.beyond, qlora_lab.finetune, qlora_lab.paging, qlora_lab.runs
 from qlora_lab.finetune import data, evaluate
 from qlora_lab.support import resources
 splits = data.load_dataset()
 print(json.dumps({
     "package": qlora_lab.__file__,
     "dataset": str(data.COURSE_DATASET_DIR),
+    "eval_dir": str(resources.EVAL_TEXT_DIR),
     "sizes": {name: len(records) for name, records in splits.items()},
     "eval_text": evaluate.course_eval_text(),
     "results_steps": json.loads(resources.EXPERIMENT_RESULTS.read_text())["steps"],
@@ -50,8 +52,8 @@ def test_a_plain_install_finds_the_data_set_the_evaluation_text_and_the_results(
     project.mkdir()
     for name in ("pyproject.toml", "README.md", "LICENSE"):
         shutil.copy2(ROOT / name, project / name)
-    shutil.copytree(ROOT / "qlora_lab", project / "qlora_lab",
-                    ignore=shutil.ignore_patterns("__pycache__", "*.pyc", ".*"))
+    for folder in ("qlora_lab", "datasets"):
+        shutil.copytree(ROOT / folder, project / folder, ignore=shutil.ignore_patterns("__pycache__", "*.pyc", ".*"))
 
     venv = tmp_path / "venv"
     subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True, capture_output=True)
@@ -75,7 +77,22 @@ def test_a_plain_install_finds_the_data_set_the_evaluation_text_and_the_results(
     assert run.returncode == 0, run.stderr
     found = json.loads(run.stdout.strip().splitlines()[-1])
     assert Path(found["package"]).is_relative_to(purelib), found["package"]  # not the editable checkout
-    assert Path(found["dataset"]).is_relative_to(purelib)
+    assert Path(found["dataset"]).is_relative_to(purelib)  # datasets/ was installed as qlora_lab/datasets/
+    assert Path(found["eval_dir"]).is_relative_to(purelib)
     assert found["sizes"] == {name: len(records) for name, records in data.load_dataset().items()}
     assert found["eval_text"] == evaluate.course_eval_text()
     assert found["results_steps"] == json.loads(resources.EXPERIMENT_RESULTS.read_text())["steps"]
+
+
+def test_pyproject_names_every_package_and_maps_the_top_level_datasets():
+    """``pyproject.toml`` lists the packages by name (it maps ``datasets/`` into the
+    package, which rules out automatic discovery): a new stage folder must be added."""
+    import tomllib
+
+    setuptools = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]
+    folders = {".".join(p.parent.relative_to(ROOT).parts) for p in (ROOT / "qlora_lab").rglob("__init__.py")}
+    assert set(setuptools["packages"]) == folders | {"qlora_lab.datasets"}
+    assert setuptools["package-dir"] == {"qlora_lab.datasets": "datasets"}
+    assert not (ROOT / "qlora_lab" / "datasets").exists(), "the data lives in the top-level datasets/"
+    for pattern in setuptools["package-data"]["qlora_lab.datasets"]:
+        assert list((ROOT / "datasets").glob(pattern)), pattern

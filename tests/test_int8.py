@@ -1,4 +1,4 @@
-"""Tests for qlora_lab.quant.int8: the seminar's worked examples, error bounds derived
+"""Tests for qlora_lab.quant.int8 and qlora_lab.quant.zeropoint: the seminar's worked examples, error bounds derived
 from the formulas, the zero-point matmul identity, and bit-for-bit agreement with
 bitsandbytes' LLM.int8() kernels on CPU."""
 
@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import qlora_lab  # noqa: F401  (before bitsandbytes)
-from qlora_lab.quant import int8
+from qlora_lab.quant import int8, zeropoint
 from qlora_lab.support.checks import assert_close_to_rounding
 
 import bitsandbytes as bnb  # noqa: E402
@@ -33,11 +33,11 @@ def test_absmax_worked_example():
 
 def test_zeropoint_worked_example():
     # Seminar: alpha = 4, beta = -3, x = 1 -> s = 255/7 = 36.42..., z = -19, x_q = 17, x_hat = 36/s = 0.9882...
-    q, s, z = int8.zeropoint_quantize(torch.tensor([4.0, -3.0, 1.0]))
+    q, s, z = zeropoint.zeropoint_quantize(torch.tensor([4.0, -3.0, 1.0]))
     assert s.item() == 255 / 7
     assert z.item() == -19
     assert q[2].item() == 17
-    x_hat = int8.zeropoint_dequantize(q, s, z)
+    x_hat = zeropoint.zeropoint_dequantize(q, s, z)
     assert x_hat[2].item() == pytest.approx(36 * 7 / 255, abs=1e-7)
     assert f"{x_hat[2].item():.4f}" == "0.9882"
     # the ends of the range land on the end codes
@@ -74,9 +74,9 @@ def test_zeropoint_round_trip_bound(bits, kind):
     # most u * |x_hat|.
     base = torch.randn(4000, dtype=torch.float64)
     x = {"symmetric": base, "one_sided": base.abs() * 3, "narrow_far_from_zero": 1000 + 1e-3 * base}[kind].float()
-    q, s, z = int8.zeropoint_quantize(x, bits)
+    q, s, z = zeropoint.zeropoint_quantize(x, bits)
     assert int(q.min()) == -(2 ** (bits - 1)) and int(q.max()) == 2 ** (bits - 1) - 1
-    x_hat = int8.zeropoint_dequantize(q, s, z).double()
+    x_hat = zeropoint.zeropoint_dequantize(q, s, z).double()
     bound = 0.5 / s * (1 + 1e-9) + U32 * x_hat.abs()
     assert bool(((x.double() - x_hat).abs() <= bound).all())
 
@@ -84,7 +84,7 @@ def test_zeropoint_round_trip_bound(bits, kind):
 def test_zeropoint_beats_absmax_on_one_sided_data():
     x = torch.randn(10000).relu()  # like the output of a ReLU: nothing below 0
     err_abs = (x - int8.absmax_dequantize(*int8.absmax_quantize(x))).abs().mean()
-    err_zp = (x - int8.zeropoint_dequantize(*int8.zeropoint_quantize(x))).abs().mean()
+    err_zp = (x - zeropoint.zeropoint_dequantize(*zeropoint.zeropoint_quantize(x))).abs().mean()
     # absmax leaves the 127 negative codes unused; zero-point spends all 256 on [0, max]
     assert err_zp < 0.6 * err_abs
 
@@ -95,10 +95,10 @@ def test_degenerate_ranges():
     assert s.item() == 1.0 and not q.any()
     assert torch.equal(int8.absmax_dequantize(q, s), zeros)
     const = torch.full((4,), 2.5)
-    q, s, z = int8.zeropoint_quantize(const)
-    assert torch.equal(int8.zeropoint_dequantize(q, s, z), const)
-    q, s, z = int8.zeropoint_quantize(zeros)
-    assert torch.equal(int8.zeropoint_dequantize(q, s, z), zeros)
+    q, s, z = zeropoint.zeropoint_quantize(const)
+    assert torch.equal(zeropoint.zeropoint_dequantize(q, s, z), const)
+    q, s, z = zeropoint.zeropoint_quantize(zeros)
+    assert torch.equal(zeropoint.zeropoint_dequantize(q, s, z), zeros)
     x = torch.tensor([[0.0, 0.0], [1.0, -2.0]])
     q, s = int8.absmax_quantize(x, dim=1)
     assert s[0].item() == 1.0 and q[0].tolist() == [0, 0] and q[1].tolist() == [64, -127]
@@ -108,7 +108,7 @@ def test_static_scale_clips():
     x = torch.tensor([-3.0, 0.5, 1.0, 2.0])
     q = int8.absmax_quantize_with_scale(x, 127 / 1.0)  # calibrated for |x| <= 1
     assert q.tolist() == [-127, 64, 127, 127]
-    q = int8.zeropoint_quantize_with_params(x, 255 / 2.0, 0)
+    q = zeropoint.zeropoint_quantize_with_params(x, 255 / 2.0, 0)
     assert q.tolist() == [-128, 64, 127, 127]
 
 
@@ -158,13 +158,13 @@ def test_zeropoint_linear_identity(with_bias, bits):
     X = torch.randn(9, 33) + 0.7
     W = torch.randn(33, 5) * 0.2 - 0.1
     b = torch.randn(5)
-    x_q, s_x, z_x = int8.zeropoint_quantize(X, bits)
-    w_q, s_w, z_w = int8.zeropoint_quantize(W, bits)
-    b_q, s_b, z_b = int8.zeropoint_quantize(b, bits)
+    x_q, s_x, z_x = zeropoint.zeropoint_quantize(X, bits)
+    w_q, s_w, z_w = zeropoint.zeropoint_quantize(W, bits)
+    b_q, s_b, z_b = zeropoint.zeropoint_quantize(b, bits)
     Y = X @ W + (b if with_bias else 0)
-    _, s_y, z_y = int8.zeropoint_quantize(Y, bits)
+    _, s_y, z_y = zeropoint.zeropoint_quantize(Y, bits)
     bias = (b_q, s_b, z_b) if with_bias else (None, None, None)
-    y_real = int8.zeropoint_linear(x_q, s_x, z_x, w_q, s_w, z_w, s_y, z_y, *bias, bits=bits, round_output=False)
+    y_real = zeropoint.zeropoint_linear(x_q, s_x, z_x, w_q, s_w, z_w, s_y, z_y, *bias, bits=bits, round_output=False)
     # the same quantity computed the long way: dequantize, multiply in float64, requantize
     X_hat = (x_q.double() - z_x) / s_x
     W_hat = (w_q.double() - z_w) / s_w
@@ -175,7 +175,7 @@ def test_zeropoint_linear_identity(with_bias, bits):
     magnitude = s_y * (X_hat.abs() @ W_hat.abs() + (((b_q.double() - z_b) / s_b).abs() if with_bias else 0)) + z_y.abs()
     assert_close_to_rounding(y_real, direct, terms=X.shape[1] + 6, magnitude=magnitude,
                              why="exact integer bracket vs float64 dequantized matmul")
-    y_q = int8.zeropoint_linear(x_q, s_x, z_x, w_q, s_w, z_w, s_y, z_y, *bias, bits=bits)
+    y_q = zeropoint.zeropoint_linear(x_q, s_x, z_x, w_q, s_w, z_w, s_y, z_y, *bias, bits=bits)
     lo, hi = -(2 ** (bits - 1)), 2 ** (bits - 1) - 1
     assert torch.equal(y_q, torch.round(direct).clamp(lo, hi).to(torch.int8))
 
@@ -183,9 +183,9 @@ def test_zeropoint_linear_identity(with_bias, bits):
 def test_zeropoint_linear_shapes_checked():
     q = torch.zeros(3, 4, dtype=torch.int8)
     with pytest.raises(ValueError, match=r"X \(n, p\) @ W \(p, m\)"):
-        int8.zeropoint_linear(q, 1.0, 0, q, 1.0, 0, 1.0, 0)
+        zeropoint.zeropoint_linear(q, 1.0, 0, q, 1.0, 0, 1.0, 0)
     with pytest.raises(ValueError, match="b_scale and b_zero"):
-        int8.zeropoint_linear(q, 1.0, 0, q.T, 1.0, 0, 1.0, 0, b_q=torch.zeros(3, dtype=torch.int8))
+        zeropoint.zeropoint_linear(q, 1.0, 0, q.T, 1.0, 0, 1.0, 0, b_q=torch.zeros(3, dtype=torch.int8))
 
 
 # ---------------------------------------------------------------- float formats
@@ -409,7 +409,7 @@ def test_outlier_decomposition_reduces_error():
     "fn",
     [
         lambda x: int8.absmax_quantize(x),
-        lambda x: int8.zeropoint_quantize(x),
+        lambda x: zeropoint.zeropoint_quantize(x),
         lambda x: int8.vectorwise_quantize(x),
         lambda x: int8.blockwise_absmax_quantize(x),
         lambda x: int8.absmax_quantize_with_scale(x, 1.0),
@@ -438,7 +438,7 @@ def test_bits_out_of_range(bits):
     with pytest.raises(ValueError, match="2 to 8 bits"):
         int8.absmax_quantize(x, bits)
     with pytest.raises(ValueError, match="2 to 8 bits"):
-        int8.zeropoint_quantize(x, bits)
+        zeropoint.zeropoint_quantize(x, bits)
 
 
 def test_other_bad_arguments():
@@ -446,7 +446,7 @@ def test_other_bad_arguments():
     with pytest.raises(TypeError, match="bits to be an int"):
         int8.absmax_quantize(x, 8.0)
     with pytest.raises(TypeError, match="bits to be an int"):
-        int8.zeropoint_quantize(x, True)
+        zeropoint.zeropoint_quantize(x, True)
     with pytest.raises(ValueError, match="dim=2 is out of range"):
         int8.absmax_quantize(x, dim=2)
     with pytest.raises(ValueError, match="dim=-3 is out of range"):
@@ -462,7 +462,7 @@ def test_other_bad_arguments():
     with pytest.raises(ValueError, match="finite, positive scales"):
         int8.absmax_dequantize(torch.zeros(3, dtype=torch.int8), 0.0)
     with pytest.raises(ValueError, match="zero point must be an integer"):
-        int8.zeropoint_quantize_with_params(x, 1.0, 0.5)
+        zeropoint.zeropoint_quantize_with_params(x, 1.0, 0.5)
     with pytest.raises(ValueError, match="too small"):
         int8.absmax_quantize(torch.tensor([1e-39, 0.0]))
     with pytest.raises(ValueError, match="w of shape"):

@@ -1,4 +1,4 @@
-"""qlora_lab.finetune.judge: verdicts in both orders, order bias, agreement with exact
+"""qlora_lab.finetune.judge and tournament: verdicts in both orders, order bias, agreement with exact
 match, and Elo over random orderings of the games."""
 
 import types
@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from qlora_lab.finetune import judge as J
+from qlora_lab.finetune import tournament as T
 
 
 def V(q, first, second, p):
@@ -14,27 +15,27 @@ def V(q, first, second, p):
 
 
 def test_elo_update_matches_the_formula_and_conserves_points():
-    r = J.elo([("a", "b", 1.0)], ["a", "b"])
+    r = T.elo([("a", "b", 1.0)], ["a", "b"])
     assert r["a"] == pytest.approx(1016.0) and r["b"] == pytest.approx(984.0)
-    r = J.elo([("a", "b", 1.0), ("a", "b", 1.0)], ["a", "b"])
+    r = T.elo([("a", "b", 1.0), ("a", "b", 1.0)], ["a", "b"])
     expected = 1 / (1 + 10 ** ((984 - 1016) / 400))
     assert r["a"] == pytest.approx(1016 + 32 * (1 - expected))
     assert sum(r.values()) == pytest.approx(2000.0)
     with pytest.raises(ValueError, match="among the players"):
-        J.elo([("a", "c", 1.0)], ["a", "b"])
+        T.elo([("a", "c", 1.0)], ["a", "b"])
 
 
 def test_elo_depends_on_the_order_of_games_and_the_orderings_average_it():
     games = [("a", "b", 1.0)] * 3 + [("a", "b", 0.0)] * 3
-    assert J.elo(games, ["a", "b"])["a"] != J.elo(games[::-1], ["a", "b"])["a"]
-    rows = J.elo_over_orderings(games, ["a", "b"], orderings=400, seed=1)
+    assert T.elo(games, ["a", "b"])["a"] != T.elo(games[::-1], ["a", "b"])["a"]
+    rows = T.elo_over_orderings(games, ["a", "b"], orderings=400, seed=1)
     by = {row.player: row for row in rows}
     assert by["a"].mean == pytest.approx(1000.0, abs=3.0)  # even record: about equal on average
     assert by["a"].low < 1000 < by["a"].high
-    strong = J.elo_over_orderings([("a", "b", 1.0)] * 5 + [("b", "c", 1.0)] * 5, ["a", "b", "c"], orderings=50)
+    strong = T.elo_over_orderings([("a", "b", 1.0)] * 5 + [("b", "c", 1.0)] * 5, ["a", "b", "c"], orderings=50)
     assert [row.player for row in strong] == ["a", "b", "c"]
     with pytest.raises(ValueError, match="orderings"):
-        J.elo_over_orderings(games, ["a", "b"], orderings=0)
+        T.elo_over_orderings(games, ["a", "b"], orderings=0)
 
 
 def test_order_bias_of_a_judge_that_always_picks_the_first_reply():
@@ -62,15 +63,15 @@ def test_agreement_with_truth_only_counts_pairs_with_one_right_reply():
 
 def test_games_one_per_pair_random_order_and_both_orders():
     verdicts = [V(0, "x", "y", 0.9), V(0, "y", "x", 0.9), V(1, "x", "y", 0.2), V(1, "y", "x", 0.8)]
-    games = J.random_order_games(verdicts, seed=0)
+    games = T.random_order_games(verdicts, seed=0)
     assert len(games) == 2
     for a, b, s in games:
         assert s in (0.0, 1.0) and {a, b} == {"x", "y"}
     # question 1: y wins in both orders -> y beats x; question 0 flips with the order -> a tie
-    assert sorted(J.both_order_games(verdicts)) == [("x", "y", 0.0), ("x", "y", 0.5)]
-    shown_first = {J.random_order_games(verdicts, seed=s)[0][0] for s in range(20)}
+    assert sorted(T.both_order_games(verdicts)) == [("x", "y", 0.0), ("x", "y", 0.5)]
+    shown_first = {T.random_order_games(verdicts, seed=s)[0][0] for s in range(20)}
     assert shown_first == {"x", "y"}
-    wins = J.win_matrix([("x", "y", 1.0), ("x", "y", 0.5)], ["x", "y"])
+    wins = T.win_matrix([("x", "y", 1.0), ("x", "y", 0.5)], ["x", "y"])
     assert wins[("x", "y")] == 0.75 and wins[("y", "x")] == 0.25
 
 

@@ -1,4 +1,4 @@
-"""qlora_lab.quant.nf4 against bitsandbytes 0.50.2 on CPU: data types, packed bytes,
+"""qlora_lab.quant.codes and qlora_lab.quant.nf4 against bitsandbytes 0.50.2 on CPU: data types, packed bytes,
 absmax and dequantized values, bit for bit (torch.equal)."""
 
 import math
@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from qlora_lab.fast import nf4 as fast_nf4
-from qlora_lab.quant import fake_quant, nf4
+from qlora_lab.quant import codes, fake_quant, nf4
 
 import bitsandbytes.functional as bnbf  # noqa: E402  (after qlora_lab, see CONTRIBUTING)
 from bitsandbytes.backends.cpu import ops as bnb_cpu_ops  # noqa: E402
@@ -44,20 +44,20 @@ def assert_same_as_bnb(x, blocksize, quant_type):
 # Data types
 # --------------------------------------------------------------------------- #
 def test_nf4_code_is_bitsandbytes_table_bit_for_bit():
-    code = nf4.normal_float_code(4)
+    code = codes.normal_float_code(4)
     assert code.dtype == torch.float32
     assert torch.equal(code, bnbf.get_4bit_type("nf4", device="cpu"))
     assert torch.equal(code, torch.unique(bnbf.create_normal_map()))  # how bitsandbytes builds it
 
 
 def test_nf4_offset_formula_gives_bitsandbytes_constant():
-    assert nf4.normal_float_offset(4) == nf4.NF4_OFFSET == 0.9677083
-    assert nf4.normal_float_offset(3) == round(1 - (1 / 14 + 1 / 16) / 2, 7)
+    assert codes.normal_float_offset(4) == codes.NF4_OFFSET == 0.9677083
+    assert codes.normal_float_offset(3) == round(1 - (1 / 14 + 1 / 16) / 2, 7)
 
 
 @pytest.mark.parametrize("bits", [2, 3, 4])
 def test_asymmetric_normal_float_has_exact_zero_and_more_positive_values(bits):
-    code = nf4.normal_float_code(bits)
+    code = codes.normal_float_code(bits)
     assert code.numel() == 2**bits and torch.all(code[1:] > code[:-1])
     assert code[0] == -1.0 and code[-1] == 1.0
     assert (code == 0).sum() == 1
@@ -68,10 +68,10 @@ def test_asymmetric_normal_float_has_exact_zero_and_more_positive_values(bits):
 def test_symmetric_normal_float_is_the_paper_formula(bits):
     from scipy.stats import norm
 
-    code = nf4.normal_float_code(bits, symmetric=True)
+    code = codes.normal_float_code(bits, symmetric=True)
     assert code.numel() == 2**bits and torch.all(code[1:] > code[:-1])
     assert torch.equal(code, -code.flip(0)) and not (code == 0).any()  # symmetric, no zero
-    offset = nf4.normal_float_offset(bits)
+    offset = codes.normal_float_offset(bits)
     p = [1 - offset + (2 * offset - 1) * i / 2**bits for i in range(2**bits + 1)]
     q = [(norm.ppf(p[i]) + norm.ppf(p[i + 1])) / 2 for i in range(2**bits)]
     expected = torch.tensor(q) / max(q)
@@ -87,7 +87,7 @@ def test_normal_float_code_from_scipys_quantiles_is_the_same_to_the_bit(bits, sy
     import numpy as np
     from scipy.stats import norm
 
-    offset = nf4.normal_float_offset(bits)
+    offset = codes.normal_float_offset(bits)
     if symmetric:
         q = norm.ppf(np.linspace(1 - offset, offset, 2**bits + 1))
         mid = (q[:-1] + q[1:]) / 2
@@ -98,7 +98,7 @@ def test_normal_float_code_from_scipys_quantiles_is_the_same_to_the_bit(bits, sy
         negative = -norm.ppf(torch.linspace(offset, 0.5, half)[:-1].numpy())
         values = torch.tensor([*positive.tolist(), 0.0, *negative.tolist()], dtype=torch.float32).sort().values
         expected = values / values.max()
-    assert torch.equal(nf4.normal_float_code(bits, symmetric=symmetric), expected)
+    assert torch.equal(codes.normal_float_code(bits, symmetric=symmetric), expected)
 
 
 def test_quantizing_does_not_import_scipy():
@@ -112,13 +112,13 @@ def test_quantizing_does_not_import_scipy():
 
 
 def test_fp4_code_is_bitsandbytes_table_bit_for_bit():
-    assert torch.equal(nf4.fp4_code(), bnbf.get_4bit_type("fp4", device="cpu"))
+    assert torch.equal(codes.fp4_code(), bnbf.get_4bit_type("fp4", device="cpu"))
 
 
 def test_bitsandbytes_fp8_map_disagrees_with_its_fp4_table_on_the_subnormal():
     # Documented inconsistency: bitsandbytes' comment says create_fp8_map(2, 1) regenerates FP4.
     regenerated = set(bnbf.create_fp8_map(signed=True, exponent_bits=2, precision_bits=1, total_bits=4).tolist())
-    table = set(nf4.fp4_code().tolist())
+    table = set(codes.fp4_code().tolist())
     as_float32 = lambda values: {torch.tensor(v, dtype=torch.float32).item() for v in values}  # noqa: E731
     assert regenerated - table == as_float32([0.125 / 6, -0.125 / 6])
     assert table - regenerated == as_float32([0.0625 / 12, -0.0625 / 12])
@@ -130,21 +130,21 @@ def test_bitsandbytes_cannot_build_its_int4_table():
 
 
 def test_int4_code_is_twos_complement_over_seven():
-    code = nf4.int4_code()
+    code = codes.int4_code()
     integers = torch.tensor([0, 1, 2, 3, 4, 5, 6, 7, -8, -7, -6, -5, -4, -3, -2, -1], dtype=torch.float32)
     assert torch.equal(code, integers / 7)
-    assert torch.equal(torch.unique(code[code >= -1]), nf4.integer_code(4))
+    assert torch.equal(torch.unique(code[code >= -1]), codes.integer_code(4))
 
 
 def test_float_and_integer_codes():
-    assert torch.equal(nf4.float_code(2, 1) * 6, torch.tensor([-6, -4, -3, -2, -1.5, -1, -0.5, 0,
+    assert torch.equal(codes.float_code(2, 1) * 6, torch.tensor([-6, -4, -3, -2, -1.5, -1, -0.5, 0,
                                                                0.5, 1, 1.5, 2, 3, 4, 6]))
-    assert torch.equal(nf4.float_code(2, 0), torch.tensor([-1, -0.5, -0.25, 0, 0.25, 0.5, 1]))
+    assert torch.equal(codes.float_code(2, 0), torch.tensor([-1, -0.5, -0.25, 0, 0.25, 0.5, 1]))
     # Our 3-bit float equals bitsandbytes' own construction of the same layout.
-    assert torch.equal(nf4.float_code(2, 0),
+    assert torch.equal(codes.float_code(2, 0),
                        torch.unique(bnbf.create_fp8_map(signed=True, exponent_bits=2, precision_bits=0, total_bits=3)))
-    assert torch.equal(nf4.integer_code(3) * 3, torch.arange(-3.0, 4.0))
-    assert torch.equal(nf4.integer_code(2), torch.tensor([-1.0, 0.0, 1.0]))
+    assert torch.equal(codes.integer_code(3) * 3, torch.arange(-3.0, 4.0))
+    assert torch.equal(codes.integer_code(2), torch.tensor([-1.0, 0.0, 1.0]))
 
 
 # --------------------------------------------------------------------------- #
@@ -152,14 +152,14 @@ def test_float_and_integer_codes():
 # --------------------------------------------------------------------------- #
 @pytest.mark.parametrize("quant_type", BNB_TYPES)
 def test_thresholds_and_order_are_bitsandbytes(quant_type):
-    code = nf4.code_for(quant_type)
+    code = codes.code_for(quant_type)
     bounds, order = _get_4bit_quantize_bounds(quant_type, torch.device("cpu"))
     assert torch.equal(nf4.code_thresholds(code), bounds) and torch.equal(torch.argsort(code, stable=True), order)
 
 
 @pytest.mark.parametrize("quant_type", nf4.QUANT_TYPES)
 def test_nearest_code_is_nearest(quant_type):
-    code = nf4.code_for(quant_type)
+    code = codes.code_for(quant_type)
     x = torch.rand(10_000) * 2.2 - 1.1
     indices = nf4.nearest_code(x, code)
     assert indices.dtype == torch.uint8
@@ -167,7 +167,7 @@ def test_nearest_code_is_nearest(quant_type):
 
 
 def test_value_on_threshold_goes_to_lower_code():
-    code = nf4.normal_float_code(4)
+    code = codes.normal_float_code(4)
     thresholds = nf4.code_thresholds(code)
     x = torch.cat([torch.tensor([1.0]), thresholds])  # absmax 1, so the values are scaled by exactly 1
     packed, _ = assert_same_as_bnb(x, 64, "nf4")
@@ -235,7 +235,7 @@ def rule_sensitive_values(code, count=40, seed=3):
 
 @pytest.mark.parametrize("quant_type", BNB_TYPES)
 def test_full_blocks_multiply_partial_block_divides(quant_type):
-    code = nf4.code_for(quant_type)
+    code = codes.code_for(quant_type)
     absmax, sensitive = rule_sensitive_values(code)
     k = sensitive.numel()
     block = torch.cat([absmax, sensitive, torch.zeros(64 - 1 - k)])
@@ -445,7 +445,7 @@ def test_bad_arguments():
         nf4.quantize_4bit(x, double_quant="yes")
     for bits in (1, 9, 4.0):
         with pytest.raises(ValueError, match="bits must be"):
-            nf4.normal_float_code(bits)
+            codes.normal_float_code(bits)
 
 
 def test_bad_dequantize_arguments():
@@ -469,7 +469,7 @@ def test_blockwise_with_any_code_equals_4bit_path():
     torch.manual_seed(10)
     x = torch.randn(33, 17)
     for quant_type in nf4.QUANT_TYPES:
-        indices, absmax = nf4.quantize_blockwise(x, nf4.code_for(quant_type), 64)
+        indices, absmax = nf4.quantize_blockwise(x, codes.code_for(quant_type), 64)
         packed, state = nf4.quantize_4bit(x, quant_type=quant_type)
         assert torch.equal(indices, nf4.unpack_nibbles(packed)[: x.numel()])
         y = nf4.dequantize_blockwise(indices, absmax, state.code, 64, x.shape)
@@ -496,7 +496,7 @@ def test_fake_quantize_linear_layers(tiny):
             assert torch.equal(module.weight, nf4.dequantize_4bit(*nf4.quantize_4bit(w)))
     assert torch.equal(tiny.lm_head.weight, reference["lm_head.weight"])
     assert torch.equal(tiny.model.norm.weight, reference["model.norm.weight"])
-    replaced = fake_quant.fake_quantize_linear_layers(tiny, code=nf4.normal_float_code(3))
+    replaced = fake_quant.fake_quantize_linear_layers(tiny, code=codes.normal_float_code(3))
     assert replaced == 14
     values = tiny.model.layers[0].mlp.up_proj.weight.reshape(-1, 64)
     assert max(torch.unique(block).numel() for block in values) <= 8  # NF3: 8 values per block

@@ -20,7 +20,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGE = ROOT / "qlora_lab"
 SET_APART = ("fast", "support", "exercises")
-MAX_CHAPTER_MODULE_LINES = 450
+MAX_CHAPTER_MODULE_LINES = 300
 
 
 def module_name(path: Path) -> str:
@@ -188,6 +188,7 @@ def test_every_speed_module_is_introduced_and_proven_equal():
     doc = ast.get_docstring(ast.parse((PACKAGE / "fast" / "__init__.py").read_text())) or ""
     test_file = ROOT / "tests" / "test_fast.py"
     proven = imported_modules(test_file, package_modules())
+    choices = (ROOT / "bench" / "speed_choices.md").read_text()
     assert doc.startswith("Speed, not course material"), doc[:80]
     for path in sorted((PACKAGE / "fast").glob("*.py")):
         if path.name == "__init__.py":
@@ -195,6 +196,25 @@ def test_every_speed_module_is_introduced_and_proven_equal():
         name = module_name(path)
         assert f":mod:`{name}`" in doc, f"{name} is not introduced in qlora_lab.fast's docstring"
         assert name in proven, f"{name} has no equality test in tests/test_fast.py"
+        assert f"`{name.removeprefix('qlora_lab.')}" in choices, (
+            f"{name}: what it gained is not in bench/speed_choices.md")
+
+
+TIMING = re.compile(r"\b\d+(\.\d+)? ?(ms|µs|s)\b(?! (each|per|of|a|to|timeout)\b)|\b20\d\d-\d\d-\d\d\b")
+
+
+@pytest.mark.parametrize("text, found", [("took 16.2 ms against", True), ("measured 2026-11-30", True),
+                                         ("every 1 s of", False), ("blocks of 64", False)])
+def test_the_timing_check_finds_what_it_should(text, found):
+    assert bool(TIMING.search(text)) is found
+
+
+def test_no_dated_measurement_sits_in_a_speed_module():
+    """Timings and dates go stale in a docstring: the code says why, and
+    bench/speed_choices.md (carried into bench/RESULTS.md) says by how much, when."""
+    for path in sorted((PACKAGE / "fast").glob("*.py")):
+        for number, line in enumerate(path.read_text().splitlines(), start=1):
+            assert not TIMING.search(line), f"{path.relative_to(ROOT)}:{number}: {line.strip()}"
 
 
 def test_contributing_names_every_module():
@@ -203,7 +223,7 @@ def test_contributing_names_every_module():
     tree = text[text.index("## The package, module by module"):text.index("**Where new code goes.**")]
     missing = []
     for path in sorted(PACKAGE.rglob("*.py")):
-        if path.parent.name == "exercises" or path.name == "__init__.py" or "datasets" in path.parts:
+        if path.parent.name == "exercises" or path.name == "__init__.py":
             continue
         if f" {path.name} " not in tree:
             missing.append(str(path.relative_to(ROOT)))
@@ -271,7 +291,7 @@ def test_every_stage_folder_names_its_chapter_and_reading_order():
     """Each stage folder's ``__init__`` says which chapter it is and lists every module in it,
     in the order to read them."""
     for folder in sorted(p for p in PACKAGE.iterdir() if (p / "__init__.py").is_file()):
-        if folder.name in SET_APART or folder.name in ("datasets",):
+        if folder.name in SET_APART:
             continue
         doc = ast.get_docstring(ast.parse((folder / "__init__.py").read_text())) or ""
         assert re.search(r"chapters? \d\d|appendix|make target", doc), f"{folder.name}/__init__.py names no chapter"

@@ -11,8 +11,9 @@ import pytest
 import torch
 
 from qlora_lab.paging.device_pool import DeviceOutOfMemoryError, DevicePool, format_size
-from qlora_lab.paging.paged_adamw import PagedAdamW, optimizer_state_bytes
+from qlora_lab.paging.paged_adamw import PagedAdamW
 from qlora_lab.paging.simulated_run import ActivationMeter, hold_model, parameter_bytes, training_steps
+from qlora_lab.paging.state_bytes import optimizer_state_bytes
 
 
 def _net(seed: int = 0) -> torch.nn.Module:

@@ -36,7 +36,7 @@ from typing import Callable, TextIO
 import torch
 from torch import nn
 
-from qlora_lab.finetune import data as data_lib
+from qlora_lab.finetune import chat_format
 from qlora_lab.lora import CONFIG_NAME, LoRALinear, load_adapter, lora_modules
 from qlora_lab.models.generation import greedy
 from qlora_lab.support.modules import replace_module
@@ -101,7 +101,7 @@ def load_with_adapter(adapter_dir: str | os.PathLike, model: str | None = None, 
     except ValueError as err:
         raise ValueError(f"The adapter at {adapter_dir} does not fit this base model (it names "
                          f"{config.get('base_model_name_or_path')!r}): {err}") from None
-    data_lib.ensure_chat_template(tokenizer)
+    chat_format.ensure_chat_template(tokenizer)
     return base.eval(), tokenizer
 
 
@@ -148,11 +148,11 @@ def reply(model, tokenizer, messages: list[dict] | str, max_new_tokens: int = 12
         messages = [{"role": "user", "content": messages}]
     if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be a positive integer, got {max_new_tokens!r}")
-    ids = torch.tensor([data_lib.prompt_ids(messages, tokenizer)])
+    ids = torch.tensor([chat_format.prompt_ids(messages, tokenizer)])
     streamer = None
     if stream is not None:
         streamer = TokenStreamer(tokenizer, lambda text: (stream.write(text), stream.flush()))
-    eot = data_lib.end_of_turn_id(tokenizer)
+    eot = chat_format.end_of_turn_id(tokenizer)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eot
     (new,) = greedy(model, ids, max_new_tokens=max_new_tokens, stop_id=eot, pad_id=pad, streamer=streamer)
     return tokenizer.decode(new, skip_special_tokens=True).strip()
@@ -252,7 +252,7 @@ def generation_speed(model, tokenizer, prompt: str = "Write a short story about 
                      new_tokens: int = 32, repeats: int = 1) -> float:
     """Tokens per second of greedy generation (batch 1, key/value cache on),
     exactly ``new_tokens`` tokens after the prompt, best of ``repeats`` runs."""
-    ids = torch.tensor([data_lib.prompt_ids([{"role": "user", "content": prompt}], tokenizer)])
+    ids = torch.tensor([chat_format.prompt_ids([{"role": "user", "content": prompt}], tokenizer)])
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     best = float("inf")
     was_training = model.training

@@ -46,10 +46,10 @@ rank r takes every N-th of them, starting at r. Each micro-batch's loss is divid
 labelled tokens of the whole step and multiplied by N, which FSDP's reduce-scatter (a mean over
 the ranks) divides out again, so the summed gradient, the clipped norm and the update are those
 of the single-process run, up to the order of float additions. The adapter is gathered and
-written once, by rank 0, in peft's format; checkpoints are written by the same code as in one
-process (:func:`qlora_lab.support.resume.save_checkpoint`) and hold the full (unsharded)
-optimizer state, so a run resumes with any world size that divides the batch. What fits on
-how many GPUs is :mod:`qlora_lab.beyond.fits`.
+written once, by rank 0, in peft's format (:mod:`qlora_lab.beyond.sharded_adapter`); checkpoints
+are written by the same code as in one process (:func:`qlora_lab.support.resume.save_checkpoint`)
+and hold the full (unsharded) optimizer state, so a run resumes with any world size that divides
+the batch. What fits on how many GPUs is :mod:`qlora_lab.beyond.fits`.
 """
 
 from __future__ import annotations
@@ -65,20 +65,19 @@ from torch import nn
 from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_optimizer_state_dict,
                                                      set_optimizer_state_dict)
 from torch.distributed.fsdp import fully_shard
-from torch.distributed.tensor import DTensor, distribute_tensor
+from torch.distributed.tensor import DTensor
 
 from qlora_lab.beyond import distributed
+from qlora_lab.beyond.sharded_adapter import gathered_adapter, load_sharded_adapter, write_gathered
 from qlora_lab.finetune import data as data_lib
 from qlora_lab.finetune import train as train_lib
-from qlora_lab.lora import WEIGHTS_NAME, lora_modules, save_adapter
-from qlora_lab.lora.peft_format import KEY_PREFIX
-from qlora_lab.paging.paged_adamw import optimizer_state_bytes
+from qlora_lab.paging.state_bytes import optimizer_state_bytes
 from qlora_lab.qlora import LinearNF4
 from qlora_lab.support.counting import total_bytes
 from qlora_lab.support.resume import ADAPTER_DIR, restore_rng_state, rng_state
 
-__all__ = ["SHARDED_BUFFERS", "Sharded", "check_world_size", "load_sharded_adapter", "make_shardable",
-           "parameter_bytes", "save_sharded_adapter", "shard_model", "train_fsdp", "valid_world_sizes"]
+__all__ = ["SHARDED_BUFFERS", "Sharded", "check_world_size", "make_shardable", "parameter_bytes", "shard_model",
+           "train_fsdp", "valid_world_sizes"]
 
 #: What FSDP shards of a :class:`LinearNF4`: the packed weight and its block constants.
 SHARDED_BUFFERS = ("weight", "absmax", "absmax_indices")
@@ -160,63 +159,6 @@ def parameter_bytes(model: nn.Module) -> dict[str, int]:
 
 
 # --------------------------------------------------------------------------- #
-# The adapter: gathered from every rank, written once
-# --------------------------------------------------------------------------- #
-def _gathered_adapter(model: nn.Module) -> dict[str, torch.Tensor]:
-    """Every LoRA matrix whole, on the CPU (a collective: all ranks call it)."""
-    out = {}
-    for name, layer in lora_modules(model).items():
-        for which in ("A", "B"):
-            p = getattr(layer, f"lora_{which}")
-            out[f"{name}.lora_{which}"] = (p.full_tensor() if isinstance(p, DTensor) else p).detach().cpu()
-    return out
-
-
-def _write_gathered(model: nn.Module, full: dict[str, torch.Tensor], path: str | os.PathLike,
-                    base_model: str | None) -> None:
-    """Write the gathered matrices in peft's format with
-    :func:`qlora_lab.lora.save_adapter` (swapped in for the shards while it writes)."""
-    layers = lora_modules(model)
-    sharded = {key: getattr(layers[key.rsplit(".", 1)[0]], key.rsplit(".", 1)[1]) for key in full}
-    try:
-        for key, tensor in full.items():
-            module_name, attr = key.rsplit(".", 1)
-            setattr(layers[module_name], attr, nn.Parameter(tensor, requires_grad=False))
-        save_adapter(model, path, base_model_name_or_path=base_model, overwrite=True)
-    finally:
-        for key, param in sharded.items():
-            module_name, attr = key.rsplit(".", 1)
-            setattr(layers[module_name], attr, param)
-
-
-def save_sharded_adapter(model: nn.Module, path: str | os.PathLike | None, base_model: str | None) -> None:
-    """Gather the adapter from every rank; rank 0 writes it to ``path`` (the
-    other ranks may pass None) in peft's format."""
-    full = _gathered_adapter(model)
-    if dist.get_rank() == 0:
-        _write_gathered(model, full, path, base_model)
-    dist.barrier()
-
-
-@torch.no_grad()
-def load_sharded_adapter(model: nn.Module, path: str | os.PathLike) -> None:
-    """Read an adapter written by :func:`save_sharded_adapter` and give each
-    rank its shard of every matrix."""
-    from safetensors.torch import load_file
-
-    state = load_file(str(Path(path) / WEIGHTS_NAME))
-    for name, layer in lora_modules(model).items():
-        for which in ("A", "B"):
-            key = f"{KEY_PREFIX}{name}.lora_{which}.weight"
-            if key not in state:
-                raise ValueError(f"{path} has no {key!r}: it is not this run's adapter")
-            p = getattr(layer, f"lora_{which}")
-            value = state[key].to(p.dtype)
-            p.copy_(distribute_tensor(value.to(p.device), p.device_mesh, p.placements)
-                    if isinstance(p, DTensor) else value)
-
-
-# --------------------------------------------------------------------------- #
 # The loop, sharded: what rank r of N does differently
 # --------------------------------------------------------------------------- #
 class Sharded(train_lib.OneProcess):
@@ -257,8 +199,8 @@ class Sharded(train_lib.OneProcess):
         return float(grad_norm.full_tensor() if isinstance(grad_norm, DTensor) else grad_norm)
 
     def adapter_writer(self, model, base_model: str) -> Callable[[Path], None]:
-        full = _gathered_adapter(model)  # a collective: every rank gathers, rank 0 writes
-        return lambda path: _write_gathered(model, full, path, base_model)
+        full = gathered_adapter(model)  # a collective: every rank gathers, rank 0 writes
+        return lambda path: write_gathered(model, full, path, base_model)
 
     def training_state(self, model, optimizer, scheduler) -> dict:
         options = StateDictOptions(full_state_dict=True, cpu_offload=True)

@@ -10,16 +10,16 @@ from __future__ import annotations
 import torch
 
 from qlora_lab.exercises import call_learner, checker
-from qlora_lab.quant import nf4
+from qlora_lab.quant import codes, nf4
 
 
 @checker(1)
 def check_exercise_1(my_normal_float_code) -> bool:
     """``my_normal_float_code(bits)`` must return the asymmetric NF-k code
-    (``qlora_lab.quant.nf4.normal_float_code(bits)``) for k = 2, 3, 4: ``2**k`` sorted
+    (``qlora_lab.quant.codes.normal_float_code(bits)``) for k = 2, 3, 4: ``2**k`` sorted
     values, within 1e-6 of the reference (float64 arithmetic is fine)."""
     for bits in (4, 3, 2):
-        expected = nf4.normal_float_code(bits)
+        expected = codes.normal_float_code(bits)
         ok, got = call_learner(1, my_normal_float_code, bits)
         if not ok:
             return False

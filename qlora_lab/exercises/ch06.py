@@ -13,7 +13,7 @@ import torch
 
 from qlora_lab.exercises import call_learner, checker
 from qlora_lab.paging.device_pool import DeviceOutOfMemoryError, DevicePool
-from qlora_lab.paging.paged_adamw import optimizer_state_bytes
+from qlora_lab.paging.state_bytes import optimizer_state_bytes
 from qlora_lab.paging.pager import Pager
 
 

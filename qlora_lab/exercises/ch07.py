@@ -9,6 +9,7 @@ from __future__ import annotations
 import torch
 
 from qlora_lab.exercises import call_learner, checker
+from qlora_lab.finetune import chat_format
 from qlora_lab.finetune import data as data_lib
 from qlora_lab.finetune.train import constant_schedule_with_warmup
 
@@ -42,16 +43,16 @@ def check_exercise_1(learning_rate_at) -> bool:
 def check_exercise_2(make_labels, tokenizer) -> bool:
     """``make_labels(input_ids, spans, max_length)`` gets a conversation's token
     ids and the ``[start, end)`` spans of the assistant's tokens
-    (``qlora_lab.finetune.data.assistant_spans``) and must return ``(input_ids, labels)``
-    as ``qlora_lab.finetune.data.tokenize_conversation`` does: labels equal to the ids
+    (``qlora_lab.finetune.chat_format.assistant_spans``) and must return ``(input_ids, labels)``
+    as ``qlora_lab.finetune.chat_format.tokenize_conversation`` does: labels equal to the ids
     on the spans and -100 elsewhere, both cut to ``max_length``; or None when
     no labelled token is left."""
     records = data_lib.load_jsonl(data_lib.COURSE_DATASET_DIR / "validation.jsonl")
     chosen = records[:6]
     cases = [(r["messages"], limit) for r in chosen for limit in (None, 12, 40)]
     for messages, limit in cases:
-        ids, spans = data_lib.assistant_spans(messages, tokenizer)
-        expected = data_lib.tokenize_conversation(messages, tokenizer, max_length=limit)
+        ids, spans = chat_format.assistant_spans(messages, tokenizer)
+        expected = chat_format.tokenize_conversation(messages, tokenizer, max_length=limit)
         ok, got = call_learner(2, make_labels, list(ids), [tuple(s) for s in spans], limit)
         if not ok:
             return False

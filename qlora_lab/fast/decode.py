@@ -5,15 +5,15 @@ looks each one up in the code and multiplies by its block's absmax, in
 float32, then rounds once to the output dtype. :func:`decode_packed` returns
 the same values bit for bit.
 
-Dequantization is bound by memory, not arithmetic. Three costs, measured on
-a 4096 x 4096 NF4 matrix on the course's 2-core machine, shape the code:
+Dequantization is bound by memory, not arithmetic. Three costs, found by
+measuring a 4096 x 4096 NF4 matrix on the course's 2-core machine, shape the code:
 
 * **Two values per look-up.** :func:`byte_pair_table` holds, for each of the
   256 byte values, its two decoded float32 values as one 8-byte entry, so one
   gather decodes both nibbles of a byte and the unpacked indices never exist.
 * **Fresh memory.** The 64 MiB float32 output is a new mapping that the OS
-  zeroes page by page on first touch: 16 ms in 4 KiB pages, more than the
-  decoding itself. numpy asks Linux for 2 MiB pages (``madvise
+  zeroes page by page on first touch: in 4 KiB pages that took longer than
+  the decoding itself. numpy asks Linux for 2 MiB pages (``madvise
   MADV_HUGEPAGE``) for arrays of 4 MiB and more, 512 times fewer faults, so
   CPU outputs are allocated through numpy (:func:`new_output`).
 * **Threads.** PyTorch's CPU ``index_select`` runs on one core. Tensors of at
@@ -30,11 +30,9 @@ a 4096 x 4096 NF4 matrix on the course's 2-core machine, shape the code:
   Python threads would each start an OpenMP team on a 2-core machine, four
   busy threads fighting for two cores. While the Python threads decode,
   ``torch.set_num_threads(1)`` holds (restored afterwards, also on error).
-  Measured on 4096 x 4096 (2 threads, 21 rounds, five fresh processes each):
-  11.8 to 13.6 ms against 14.5 to 18.7 ms with OpenMP left on, and 38 ms
-  against 45 to 59 ms on 8192 x 8192; bitsandbytes took 23.6 to 28.8 ms and
-  88 ms. (PyTorch's thread count is global: another Python thread running
-  PyTorch at the same moment runs on one thread for those milliseconds.)
+  PyTorch's thread count is global: another Python thread running PyTorch
+  at the same moment runs on one thread for those milliseconds. What each of
+  these gained, by shape: ``bench/speed_choices.md``.
 """
 
 from __future__ import annotations

@@ -14,9 +14,7 @@ normal number; it fails only where a product leaves the normal range (below
 update, but below 6e-5 in float16, which is therefore left to the reference).
 For any other ``scaling`` or dtype the reference runs.
 
-Measured gain: about 10 % of a SmolLM2 QLoRA training step on 2 CPU cores
-(``bench/train_step.py``, when the fused add was introduced; measured under
-other load, so read it as a rough figure).
+What it gained, and under which conditions: ``bench/speed_choices.md``.
 """
 
 from __future__ import annotations

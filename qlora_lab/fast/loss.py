@@ -39,7 +39,7 @@ def causal_lm_loss(model, input_ids: torch.Tensor, attention_mask: torch.Tensor,
     targets = labels[:, 1:][keep[:, :-1]]
     if targets.numel() == 0:
         raise ValueError("causal_lm_loss got a batch without a labelled token; every example needs one "
-                         "(data.tokenize_records drops those that have none)")
+                         "(chat_format.tokenize_records drops those that have none)")
     logits = model(input_ids=input_ids, attention_mask=attention_mask, logits_to_keep=keep).logits
     loss = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), targets,
                            reduction="sum" if num_items_in_batch is not None else "mean")

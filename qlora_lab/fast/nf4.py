@@ -13,7 +13,7 @@ import torch
 
 from qlora_lab.fast.decode import decode_packed
 from qlora_lab.fast.nearest import nearest_code_table
-from qlora_lab.quant import nf4
+from qlora_lab.quant import codes, nf4
 from qlora_lab.quant.blockwise import TINY_ABSMAX, QuantState
 
 
@@ -23,8 +23,7 @@ from qlora_lab.quant.blockwise import TINY_ABSMAX, QuantState
 # bytes per value) take 13 MiB, which the C library's malloc recycles from one
 # step to the next; for the whole of a 4096 x 4096 matrix at once they were
 # 208 MiB of fresh memory per call, which the operating system maps and zeroes
-# page by page. Measured on 4096 x 4096 (2 threads, 2026-11-30): see
-# qlora_lab.fast's docstring.
+# page by page. What it gained: bench/speed_choices.md.
 QUANTIZE_CHUNK = 1 << 20
 
 
@@ -35,7 +34,7 @@ def quantize_4bit(x: torch.Tensor, blocksize: int = 64, quant_type: str = "nf4",
     values at a time."""
     nf4.check_quantize_4bit_arguments(x, blocksize, quant_type, double_quant)
     x = x.detach()
-    code = nf4.code_for(quant_type).to(x.device)
+    code = codes.code_for(quant_type).to(x.device)
     absmax = absmax_4bit(x, blocksize)
     if not torch.isfinite(absmax).all():
         raise ValueError("quantize_4bit got a tensor containing NaN or infinity; quantization needs finite values "

@@ -30,20 +30,22 @@ For the adapters to start equal, :func:`peft_lora` can draw them as
 Kaiming-uniform with ``a = sqrt(5)``, B zero, chapter 04), but peft first
 builds each ``nn.Linear`` with its own initialisation, which takes other
 numbers from the random stream.
+
+Either backend's adapter is written and read in peft's format by
+:mod:`qlora_lab.finetune.adapter_files`; what a run on either will need, before
+it starts, is :mod:`qlora_lab.finetune.plan`'s.
 """
 
 from __future__ import annotations
 
-import contextlib
 import math
 import os
 import tempfile
-from pathlib import Path
 
 import torch
 
+from qlora_lab.finetune.chat_format import ensure_chat_template
 from qlora_lab.finetune.recipe import GUANACO_7B
-from qlora_lab.support.atomic import atomic_directory
 
 __all__ = [
     "BACKENDS",
@@ -53,15 +55,8 @@ __all__ = [
     "build_model",
     "check_backend",
     "compute_dtype",
-    "is_peft_model",
-    "load_adapter",
-    "load_host_bytes",
-    "memory_plan",
-    "model_config_source",
     "peft_lora",
     "resolve_backend",
-    "run_estimate",
-    "save_adapter",
 ]
 
 BACKENDS = ("qlora_lab", "bitsandbytes")
@@ -182,10 +177,6 @@ def bf16_full_model(model_dir: str | os.PathLike | None = None, lora_r: int | No
     return model
 
 
-def is_peft_model(model) -> bool:
-    return hasattr(model, "peft_config") and hasattr(model, "base_model")
-
-
 def _load_bitsandbytes(config, device: torch.device, dtype: torch.dtype, model=None, tokenizer=None):
     """The base model quantized by transformers while it loads. A model in
     memory (tiny-llama, or one passed in) is written to a temporary directory
@@ -238,15 +229,13 @@ def build_model(config, device: torch.device, backend: str, model=None, tokenize
     on a CPU, bfloat16 in the GPU recipe), as the paper's ``qlora.py`` loads
     it; adapters are float32 on both backends (peft up-casts them).
     """
-    from qlora_lab.finetune import data as data_lib
-
     if model is not None and tokenizer is None:
         raise ValueError("pass the tokenizer together with the model")
     check_backend(config, backend)
     dtype = compute_dtype(config, device)
     if backend == "bitsandbytes":
         model, tokenizer = _load_bitsandbytes(config, device, dtype, model, tokenizer)
-        data_lib.ensure_chat_template(tokenizer)
+        ensure_chat_template(tokenizer)
         model = peft_lora(model, config.r, config.lora_alpha, config.lora_dropout, config.target_modules,
                           draw_like_add_lora=True)
     else:
@@ -258,7 +247,6 @@ def build_model(config, device: torch.device, backend: str, model=None, tokenize
 
 
 def _build_qlora_lab(config, device: torch.device, dtype: torch.dtype, model, tokenizer):
-    from qlora_lab.finetune import data as data_lib
     from qlora_lab.lora import add_lora
     from qlora_lab.models import checkpoint_directory, load_model
     from qlora_lab.qlora import quantize_model
@@ -278,7 +266,7 @@ def _build_qlora_lab(config, device: torch.device, dtype: torch.dtype, model, to
         quantized = True
     elif model is None:
         model, tokenizer = load_model(config.model, dtype=dtype)
-    data_lib.ensure_chat_template(tokenizer)
+    ensure_chat_template(tokenizer)
     if config.method == "qlora" and not quantized:
         # Quantize on the device, layer by layer: peak device memory stays near
         # the 4-bit size (the 16-bit model is only ever on the host).
@@ -288,155 +276,3 @@ def _build_qlora_lab(config, device: torch.device, dtype: torch.dtype, model, to
     add_lora(model, r=config.r, alpha=config.lora_alpha, dropout=config.lora_dropout,
              target_modules=config.target_modules)
     return model, tokenizer
-
-
-# --------------------------------------------------------------------------- #
-# What a run needs: GPU memory (chapter 03's estimate) and host memory to load
-# --------------------------------------------------------------------------- #
-COMMON_GPUS_GB = (16, 24, 40, 48, 80)
-HOST_RUNTIME_BYTES = 450 * 10**6
-"""Resident set of Python with torch (CPU build), transformers, peft and
-bitsandbytes imported, measured on the course's machine; CUDA's libraries
-and context add more on a GPU machine (not measured here)."""
-
-
-def model_config_source(config):
-    """Where the model's config can be read without a download: SmolLM2's
-    cache, a local directory, else ``memory_config`` (a shipped config)."""
-    from qlora_lab.models import SMOLLM2_NAMES, smollm2_cache_path
-
-    if config.model.lower() in SMOLLM2_NAMES:
-        return smollm2_cache_path()
-    if Path(config.model).expanduser().is_dir():
-        return Path(config.model).expanduser()
-    return config.memory_config or config.model
-
-
-def run_estimate(config, device_type: str = "cuda"):
-    """:func:`qlora_lab.memory.estimate` for the run ``config`` describes on
-    ``device_type``: its method, rank, batch, sequence length, checkpointing and
-    dropout; weights and activations in its compute dtype (what is not
-    quantized is stored in it), float32 adapters (both backends keep them so),
-    32-bit Adam states, and the optimizer's scratch memory (none for
-    bitsandbytes' fused paged AdamW, per tensor for torch's on a CPU). The same
-    tensors live on the device whichever backend builds them."""
-    from qlora_lab import memory
-
-    dtype = compute_dtype(config, torch.device(device_type))
-    optimizer = config.optimizer if config.optimizer != "auto" else (
-        "paged_adamw_32bit" if device_type == "cuda" else "adamw")
-    return memory.estimate(
-        model_config_source(config), config.method, lora_r=config.r, seq_len=config.max_length,
-        batch=config.batch_size, gradient_checkpointing=config.gradient_checkpointing, weight_dtype=dtype,
-        compute_dtype=dtype, adapter_dtype=torch.float32, optimizer_state_bytes=8, lora_dropout=config.lora_dropout,
-        optimizer_temporaries="fused" if optimizer == "paged_adamw_32bit" else "per-tensor",
-        blocksize=config.blocksize, double_quant=config.double_quant)
-
-
-def _file_dtype(source) -> torch.dtype:
-    """The dtype the checkpoint stores its weights in: read from the files when
-    they are here, else the config's ``torch_dtype``, else bfloat16."""
-    from qlora_lab.finetune import streaming
-    from qlora_lab.support.model_config import read_model_config
-
-    if isinstance(source, Path):
-        with contextlib.suppress(ValueError, OSError):  # no safetensors here: fall back to the config
-            tensors = streaming.checkpoint_tensors(source)
-            return max(tensors.values(), key=lambda entry: math.prod(entry[1]))[0]
-    named = getattr(read_model_config(source), "dtype", None)
-    return named if isinstance(named, torch.dtype) else getattr(torch, str(named or "bfloat16"), torch.bfloat16)
-
-
-def load_host_bytes(config, backend: str, device_type: str = "cuda") -> int:
-    """Peak host memory of loading the run's model with ``backend`` onto
-    ``device_type``, the runtime (:data:`HOST_RUNTIME_BYTES`) included.
-
-    ``qlora_lab`` (qlora): :func:`qlora_lab.finetune.streaming.load_memory`, one tensor
-    at a time. ``bitsandbytes``: transformers reads the shards through memory
-    maps and keeps them mapped while it loads; measured on the CPU
-    (``tests/test_streaming.py``), every page of the 16-bit checkpoint ends up
-    resident (clean file pages, which the kernel may reclaim, but which count
-    in the process's memory), plus the 4-bit model when the device is the CPU.
-    ``lora16`` on either backend holds the 16-bit model.
-    """
-    from qlora_lab.finetune import streaming
-    from qlora_lab.support.model_config import count_parameters
-
-    source = model_config_source(config)
-    file_dtype = _file_dtype(source)
-    dtype = compute_dtype(config, torch.device(device_type))
-    counts = count_parameters(source)
-    if config.method == "lora16":
-        return HOST_RUNTIME_BYTES + counts.total * max(file_dtype.itemsize, dtype.itemsize)
-    if backend == "qlora_lab":
-        need = streaming.load_memory(source, file_dtype=file_dtype, dtype=dtype, device=device_type,
-                                     blocksize=config.blocksize, double_quant=config.double_quant)
-        return HOST_RUNTIME_BYTES + need.total
-    resident = streaming.load_memory(source, file_dtype=file_dtype, dtype=dtype, device=device_type).resident
-    return HOST_RUNTIME_BYTES + counts.total * file_dtype.itemsize + resident
-
-
-def memory_plan(config, device_type: str = "cuda") -> list[dict]:
-    """For each backend: the GPU estimate (:func:`run_estimate`), the host
-    memory of the load (:func:`load_host_bytes`) and which of
-    :data:`COMMON_GPUS_GB` the estimate fits (chapter 07's rule: the
-    estimate's total within the card's ``size * 2**30`` bytes)."""
-    from qlora_lab import memory
-
-    estimate = run_estimate(config, device_type)
-    default = resolve_backend("auto", torch.device(device_type))
-    rows = []
-    for backend in (default, *[b for b in BACKENDS if b != default]):
-        rows.append({"backend": backend, "default": backend == default, "estimate": estimate,
-                     "host_bytes": load_host_bytes(config, backend, device_type),
-                     "fits": {gb: estimate.total <= memory.gpu_capacity_bytes(gb) for gb in COMMON_GPUS_GB}})
-    return rows
-
-
-# --------------------------------------------------------------------------- #
-# Adapters on disk: peft's format from either backend
-# --------------------------------------------------------------------------- #
-def save_adapter(model, path: str | os.PathLike, *, base_model_name_or_path: str | None = None,
-                 overwrite: bool = False) -> Path:
-    """Write the model's adapters in peft's format (both backends write the
-    same files: ``adapter_config.json`` and ``adapter_model.safetensors``).
-    For a peft model the directory is written all at once; an existing
-    adapter directory is replaced, one holding other files is refused
-    (``overwrite`` only applies to the course's models, which keep them)."""
-    from qlora_lab import lora
-
-    if not is_peft_model(model):
-        return lora.save_adapter(model, path, base_model_name_or_path=base_model_name_or_path, overwrite=overwrite)
-    target = Path(path).expanduser()
-    others = sorted(p.name for p in target.iterdir() if p.name not in lora.ADAPTER_FILES) if target.is_dir() else []
-    if others:
-        raise ValueError(f"{target} holds files that are not part of an adapter ({', '.join(others[:5])}); choose a "
-                         f"new directory (a peft model's adapter replaces its directory as a whole)")
-    if base_model_name_or_path is not None:
-        model.peft_config["default"].base_model_name_or_path = str(base_model_name_or_path)
-    # An existing adapter directory is replaced, as qlora_lab.lora.save_adapter does.
-    with atomic_directory(target, overwrite=target.is_dir()) as staging:
-        # No embedding layers are trained: do not ask the hub whether the base vocabulary changed.
-        model.save_pretrained(staging, safe_serialization=True, save_embedding_layers=False)
-    return target
-
-
-def load_adapter(model, path: str | os.PathLike) -> None:
-    """Load adapter weights saved by :func:`save_adapter` into a model of
-    either backend (resuming a run)."""
-    from qlora_lab import lora
-
-    if not is_peft_model(model):
-        lora.load_adapter(model, path)
-        return
-    from peft import set_peft_model_state_dict
-    from safetensors.torch import load_file
-
-    weights = Path(path) / lora.WEIGHTS_NAME
-    if not weights.is_file():
-        raise FileNotFoundError(f"{path} has no {lora.WEIGHTS_NAME}: the adapter is incomplete")
-    result = set_peft_model_state_dict(model, load_file(str(weights)))
-    unexpected = list(getattr(result, "unexpected_keys", []) or [])
-    missing = [k for k in getattr(result, "missing_keys", []) or [] if "lora_" in k]
-    if unexpected or missing:
-        raise ValueError(f"{weights} does not fit this model: unexpected {unexpected[:3]}, missing {missing[:3]}")

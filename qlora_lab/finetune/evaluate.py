@@ -8,7 +8,7 @@ Three measures, each a few lines once the pieces are there:
   QLoRA compares data types this way (Sec. 4, "4-bit NormalFloat yields
   better performance than 4-bit Floating Point", Table 2: perplexity of
   quantized models on Pile Common Crawl). The course's fixed text is
-  ``qlora_lab/datasets/eval_text/`` (written for the course, see its
+  ``datasets/eval_text/`` (written for the course, see its
   datasheet); :func:`course_eval_text` reads it.
 * **Evaluation loss** of a finetuning run: the mean loss per labelled token
   (the assistant's replies only, QLoRA Sec. 5) on held-out conversations
@@ -32,7 +32,7 @@ from typing import Iterable, Sequence
 import torch
 
 from qlora_lab.fast.loss import causal_lm_loss
-from qlora_lab.finetune import data
+from qlora_lab.finetune import batching, chat_format, data
 from qlora_lab.models.generation import greedy
 from qlora_lab.support.resources import EVAL_TEXT_DIR
 
@@ -42,11 +42,11 @@ from qlora_lab.support.resources import EVAL_TEXT_DIR
 # --------------------------------------------------------------------------- #
 def course_eval_text() -> str:
     """The course's evaluation text (all ``*.txt`` files of
-    ``qlora_lab/datasets/eval_text/`` in name order, separated by blank lines)."""
+    ``datasets/eval_text/`` in name order, separated by blank lines)."""
     files = sorted(EVAL_TEXT_DIR.glob("*.txt"))
     if not files:
         raise FileNotFoundError(f"no .txt files in {EVAL_TEXT_DIR}; the course's evaluation text ships as package "
-                                f"data (qlora_lab/datasets/eval_text/): reinstall qlora-lab (pip install .)")
+                                f"data (datasets/eval_text/): reinstall qlora-lab (pip install .)")
     return "\n\n".join(f.read_text(encoding="utf-8").strip() for f in files)
 
 
@@ -106,7 +106,7 @@ def perplexity(model, tokenizer, text: str, window: int = 2048, stride: int | No
 def labelled_tokens(labels: torch.Tensor) -> int:
     """Tokens that carry a loss in a causal LM: labels shift by one, so the
     first position of each row never does."""
-    return int((labels[:, 1:] != data.IGNORE_INDEX).sum())
+    return int((labels[:, 1:] != chat_format.IGNORE_INDEX).sum())
 
 
 @torch.no_grad()
@@ -118,7 +118,7 @@ def evaluation_loss(model, examples: list[dict], pad_token_id: int, batch_size: 
     total, count = 0.0, 0
     try:
         for start in range(0, len(examples), batch_size):
-            batch = data.collate(examples[start: start + batch_size], pad_token_id)
+            batch = batching.collate(examples[start: start + batch_size], pad_token_id)
             n = labelled_tokens(batch["labels"])
             batch = {k: v.to(device) for k, v in batch.items()}
             loss = causal_lm_loss(model, **batch, num_items_in_batch=n)
@@ -195,9 +195,9 @@ def generate(model, tokenizer, conversations: Sequence[list[dict]], max_new_toke
     large by default: every generated token runs the whole model once per
     batch, and with 4-bit layers that means dequantizing every weight again.
     """
-    eot = data.end_of_turn_id(tokenizer) if eot_id is None else eot_id
+    eot = chat_format.end_of_turn_id(tokenizer) if eot_id is None else eot_id
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eot
-    prompts = [data.prompt_ids(c, tokenizer) for c in conversations]
+    prompts = [chat_format.prompt_ids(c, tokenizer) for c in conversations]
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
     replies: list[str] = [""] * len(prompts)
     was_training = model.training
@@ -205,7 +205,7 @@ def generate(model, tokenizer, conversations: Sequence[list[dict]], max_new_toke
     try:
         for b in range(0, len(order), batch_size):
             chunk = order[b: b + batch_size]
-            batch = data.collate([{"input_ids": prompts[i]} for i in chunk], pad, padding_side="left")
+            batch = batching.collate([{"input_ids": prompts[i]} for i in chunk], pad, padding_side="left")
             new = greedy(model, batch["input_ids"], batch["attention_mask"], max_new_tokens=max_new_tokens,
                          stop_id=eot, pad_id=pad)
             for i, tokens in zip(chunk, new):

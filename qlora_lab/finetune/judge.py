@@ -1,21 +1,18 @@
-"""A model as judge, and Elo ratings from its verdicts: the QLoRA paper's
-chatbot evaluation (Dettmers et al. 2023, Sec. 5) in miniature.
+"""A model as judge: the QLoRA paper's chatbot evaluation (Dettmers et al.
+2023, Sec. 5) in miniature, the verdicts (their Elo ratings are
+:mod:`qlora_lab.finetune.tournament`'s).
 
 The paper rates chatbots by tournament: a judge (GPT-4, and humans for a
 subset) sees one question and two systems' answers and says which is better;
-each verdict is a game, and Elo ratings summarise the games. Two details
-matter and are reproduced here:
+each verdict is a game, and Elo ratings summarise the games. One detail of
+the verdicts matters and is reproduced here:
 
 * **Order.** A judge may prefer whichever answer it reads first. The paper
   found this for GPT-4 and reports both orders ("ChatGPT vs Sys" and
-  "Sys vs ChatGPT" in Table 6). Here each pair is judged in both orders:
-  :func:`order_bias` measures how often the verdict flips with the order, and
-  the tournament shows each pair in one order drawn at random
-  (:func:`random_order_games`).
-* **Elo depends on the order of the games.** Sequential Elo updates give a
-  different result for every ordering of the same games, so the paper
-  computes the ratings over many random orderings and reports their mean and
-  a 95% interval (:func:`elo_over_orderings`; initial rating 1000, K = 32).
+  "Sys vs ChatGPT" in Table 6). Here each pair is judged in both orders
+  (:func:`judge_all_pairs`): :func:`order_bias` measures how often the verdict
+  flips with the order, and the tournament shows each pair in one order drawn
+  at random (:func:`qlora_lab.finetune.tournament.random_order_games`).
 
 The course's judge runs offline on a CPU: :class:`Judge` wraps any chat model
 (chapter 07 uses SmolLM2-135M-Instruct itself) and reads its verdict from the
@@ -28,7 +25,6 @@ whose right answer is known.
 from __future__ import annotations
 
 import itertools
-import random
 from collections import defaultdict
 from dataclasses import dataclass
 from typing import Mapping, Sequence
@@ -37,14 +33,12 @@ import torch
 
 from qlora_lab.finetune import evaluate
 
+
 JUDGE_INSTRUCTIONS = (
     "You are a strict judge. Below are a conversation and two candidate replies to its last message. "
     "Decide which reply is more correct, follows the instructions better and is more helpful. "
     "Answer with one letter: A or B."
 )
-
-ELO_INITIAL = 1000.0
-ELO_K = 32.0
 
 
 # --------------------------------------------------------------------------- #
@@ -142,7 +136,11 @@ def as_verdicts(rows: Sequence[Mapping]) -> list[Verdict]:
     return [Verdict(int(r["question"]), str(r["first"]), str(r["second"]), float(r["p_first"])) for r in rows]
 
 
-def _both_orders(verdicts: Sequence[Verdict]) -> dict[tuple, tuple[Verdict, Verdict]]:
+
+def verdicts_by_pair(verdicts: Sequence[Verdict]) -> dict[tuple, tuple[Verdict, Verdict]]:
+    """The two verdicts of each question and pair of players, ``{(question,
+    frozenset({a, b})): (verdict, verdict in the other order)}``; an error
+    unless every pair was judged once in each order."""
     by_pair: dict[tuple, list[Verdict]] = defaultdict(list)
     for v in verdicts:
         by_pair[(v.question, frozenset((v.first, v.second)))].append(v)
@@ -176,7 +174,7 @@ def order_bias(verdicts: Sequence[Verdict]) -> OrderBias:
     """Position bias: the same pair of replies in both orders. An unbiased judge
     gives the same winner both times; a judge that always picks reply A is
     inconsistent on every pair."""
-    pairs = _both_orders(verdicts)
+    pairs = verdicts_by_pair(verdicts)
     if not pairs:
         raise ValueError("order_bias needs verdicts")
     consistent = sum(v1.winner == v2.winner for v1, v2 in pairs.values())
@@ -212,7 +210,7 @@ def agreement_with_truth(verdicts: Sequence[Verdict], questions: Sequence[Mappin
             if record.get("answer") is not None:
                 right[(p, q)] = evaluate.is_correct(replies[q], record["answer"])
     items = agree = both = pairs = 0
-    for (q, _), (v1, v2) in _both_orders(verdicts).items():
+    for (q, _), (v1, v2) in verdicts_by_pair(verdicts).items():
         a, b = v1.first, v1.second
         if (a, q) not in right or right[(a, q)] == right[(b, q)]:
             continue
@@ -223,88 +221,3 @@ def agreement_with_truth(verdicts: Sequence[Verdict], questions: Sequence[Mappin
             items += 1
             agree += v.winner == truth
     return Agreement(items, agree, both, pairs)
-
-
-# --------------------------------------------------------------------------- #
-# 3. Games and Elo
-# --------------------------------------------------------------------------- #
-Game = tuple[str, str, float]  # (player a, player b, score of a: 1 win, 0 loss, 0.5 tie)
-
-
-def random_order_games(verdicts: Sequence[Verdict], seed: int = 0) -> list[Game]:
-    """One game per (question, pair): the verdict of one of its two orders,
-    chosen by a coin (the tournament's randomised presentation order)."""
-    rng = random.Random(seed)
-    games = []
-    for _, (v1, v2) in sorted(_both_orders(verdicts).items(), key=lambda kv: (kv[0][0], sorted(kv[0][1]))):
-        v = v1 if rng.random() < 0.5 else v2
-        games.append((v.first, v.second, 1.0 if v.p_first > 0.5 else 0.0))
-    return games
-
-
-def both_order_games(verdicts: Sequence[Verdict]) -> list[Game]:
-    """One game per (question, pair) from both orders together: a win if the same
-    player wins in both orders, a tie if the verdict flips with the order."""
-    games = []
-    for _, (v1, v2) in sorted(_both_orders(verdicts).items(), key=lambda kv: (kv[0][0], sorted(kv[0][1]))):
-        a, b = v1.first, v1.second
-        wins_a = (v1.p_first > 0.5) + (v2.p_first <= 0.5)
-        games.append((a, b, wins_a / 2))
-    return games
-
-
-def elo(games: Sequence[Game], players: Sequence[str], k: float = ELO_K,
-        initial: float = ELO_INITIAL) -> dict[str, float]:
-    """Sequential Elo: after each game both ratings move by ``k`` times the
-    difference between the score and the expected score
-    ``1 / (1 + 10 ** ((R_b - R_a) / 400))``."""
-    ratings = {p: float(initial) for p in players}
-    for a, b, score_a in games:
-        if a not in ratings or b not in ratings:
-            raise ValueError(f"game between {a!r} and {b!r}: both must be among the players {list(players)}")
-        expected_a = 1.0 / (1.0 + 10 ** ((ratings[b] - ratings[a]) / 400.0))
-        ratings[a] += k * (score_a - expected_a)
-        ratings[b] -= k * (score_a - expected_a)
-    return ratings
-
-
-@dataclass(frozen=True)
-class EloRow:
-    player: str
-    mean: float
-    low: float   # 2.5th percentile over orderings
-    high: float  # 97.5th percentile
-
-
-def elo_over_orderings(games: Sequence[Game], players: Sequence[str], orderings: int = 1000, seed: int = 0,
-                       k: float = ELO_K, initial: float = ELO_INITIAL) -> list[EloRow]:
-    """Elo over ``orderings`` random permutations of the same games: mean and
-    95% interval per player, best first (the paper's procedure)."""
-    if orderings < 1:
-        raise ValueError(f"orderings must be at least 1, got {orderings}")
-    if not games:
-        raise ValueError("elo_over_orderings needs at least one game")
-    rng = random.Random(seed)
-    samples: dict[str, list[float]] = {p: [] for p in players}
-    games = list(games)
-    for _ in range(orderings):
-        rng.shuffle(games)
-        for p, r in elo(games, players, k, initial).items():
-            samples[p].append(r)
-    rows = []
-    for p, xs in samples.items():
-        xs.sort()
-        lo = xs[int(0.025 * (len(xs) - 1))]
-        hi = xs[int(round(0.975 * (len(xs) - 1)))]
-        rows.append(EloRow(p, sum(xs) / len(xs), lo, hi))
-    return sorted(rows, key=lambda row: -row.mean)
-
-
-def win_matrix(games: Sequence[Game], players: Sequence[str]) -> dict[tuple[str, str], float]:
-    """Share of the games between ``a`` and ``b`` that ``a`` won (ties count half)."""
-    played: dict[tuple[str, str], list[float]] = defaultdict(list)
-    for a, b, s in games:
-        played[(a, b)].append(s)
-        played[(b, a)].append(1 - s)
-    return {(a, b): sum(played[(a, b)]) / len(played[(a, b)])
-            for a in players for b in players if a != b and played[(a, b)]}

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import torch
 
-from qlora_lab.finetune import data as data_lib
+from qlora_lab.finetune import batching
 from qlora_lab.finetune.recipe import TrainConfig
 
 __all__ = ["BatchSchedule", "build_model", "build_optimizer", "compute_dtype_for", "constant_schedule_with_warmup",
@@ -87,7 +87,7 @@ def constant_schedule_with_warmup(optimizer, warmup_steps: int) -> torch.optim.l
 # --------------------------------------------------------------------------- #
 class BatchSchedule:
     """Micro-batch ``k`` of the run is batch ``k % n`` of epoch ``k // n``, where
-    epoch ``e`` is ordered by :func:`qlora_lab.finetune.data.make_batches` with seed
+    epoch ``e`` is ordered by :func:`qlora_lab.finetune.batching.make_batches` with seed
     ``seed + e``. Nothing about the data order needs saving in a checkpoint."""
 
     def __init__(self, lengths: list[int], batch_size: int, seed: int, group_by_length: bool):
@@ -97,7 +97,7 @@ class BatchSchedule:
 
     def _epoch_batches(self, epoch: int) -> list[list[int]]:
         if epoch != self._epoch:
-            self._batches = data_lib.make_batches(self.lengths, self.batch_size, self.seed + epoch,
+            self._batches = batching.make_batches(self.lengths, self.batch_size, self.seed + epoch,
                                                   self.group_by_length)
             self._epoch = epoch
         return self._batches

@@ -49,17 +49,8 @@ from typing import Any
 import torch
 from torch import nn
 
-__all__ = [
-    "INDEX_NAME",
-    "SINGLE_FILE_NAME",
-    "LoadMemory",
-    "StreamingReport",
-    "checkpoint_files",
-    "checkpoint_tensors",
-    "load_memory",
-    "load_quantized",
-    "meta_model",
-]
+__all__ = ["INDEX_NAME", "SINGLE_FILE_NAME", "LoadMemory", "StreamingReport", "checkpoint_files", "checkpoint_tensors",
+           "load_memory", "load_quantized", "meta_model"]
 
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_FILE_NAME = "model.safetensors"

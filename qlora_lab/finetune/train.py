@@ -53,8 +53,7 @@ from typing import Any, Callable
 import torch
 
 from qlora_lab.fast.loss import causal_lm_loss
-from qlora_lab.finetune import data as data_lib
-from qlora_lab.finetune import evaluate
+from qlora_lab.finetune import adapter_files, backends, batching, chat_format, data, evaluate
 from qlora_lab.finetune.recipe import PRESETS, TrainConfig, preset  # the run's settings; train.preset(...) is the usual call
 from qlora_lab.finetune.step import (BatchSchedule, build_model, build_optimizer, compute_dtype_for,
                                      constant_schedule_with_warmup, resolve_device)
@@ -97,17 +96,13 @@ class OneProcess:
         return float(grad_norm)
 
     def adapter_writer(self, model, base_model: str) -> Callable[[Path], None]:
-        from qlora_lab.finetune import backends
-
-        return lambda path: backends.save_adapter(model, path, base_model_name_or_path=base_model, overwrite=True)
+        return lambda path: adapter_files.save_adapter(model, path, base_model_name_or_path=base_model, overwrite=True)
 
     def training_state(self, model, optimizer, scheduler) -> dict:
         return {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "rng": rng_state()}
 
     def restore(self, model, optimizer, scheduler, checkpoint: Path, saved: dict) -> None:
-        from qlora_lab.finetune import backends
-
-        backends.load_adapter(model, checkpoint / ADAPTER_DIR)
+        adapter_files.load_adapter(model, checkpoint / ADAPTER_DIR)
         optimizer.load_state_dict(saved["optimizer"])
         scheduler.load_state_dict(saved["scheduler"])
         restore_rng_state(saved["rng"])
@@ -146,10 +141,6 @@ class TrainResult:
         return [h["loss"] for h in self.history]
 
 
-def _log_line(step: int, max_steps: int, loss: float, lr: float, tokens_per_second: float) -> str:
-    return f"step {step:>5}/{max_steps}  loss {loss:.4f}  lr {lr:.2e}  {tokens_per_second:,.0f} tokens/s"
-
-
 def train(config: TrainConfig, out_dir: str | os.PathLike, *, resume: bool = False, model=None, tokenizer=None,
           splits: dict[str, list[dict]] | None = None, progress: str = "bar",
           on_evaluation: Callable[[dict], None] | None = None,
@@ -182,8 +173,6 @@ def train(config: TrainConfig, out_dir: str | os.PathLike, *, resume: bool = Fal
         raise FileExistsError(f"{out_dir} already holds a run (checkpoints or a final adapter); pass resume=True "
                               f"(--resume) to continue it, or choose another output directory")
     device = processes.device or resolve_device(config)
-    from qlora_lab.finetune import backends
-
     backend = processes.backend or backends.resolve_backend(config.backend, device, model_given=model is not None)
     backends.check_backend(config, backend)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -191,18 +180,18 @@ def train(config: TrainConfig, out_dir: str | os.PathLike, *, resume: bool = Fal
 
     # Data first: a malformed line must stop the run before the model is loaded.
     if splits is None:
-        splits = data_lib.load_dataset(config.data, splits=("train", "validation"))
+        splits = data.load_dataset(config.data, splits=("train", "validation"))
     torch.manual_seed(config.seed)
     random.seed(config.seed)
     model, tokenizer = build_model(config, device, model, tokenizer, backend=backend)
     note = processes.prepare(model, config)
-    train_examples, report = data_lib.tokenize_records(splits["train"], tokenizer, config.max_length)
+    train_examples, report = chat_format.tokenize_records(splits["train"], tokenizer, config.max_length)
     if not train_examples:
         raise ValueError(f"no training example survives tokenization ({report})")
     eval_records = splits.get("validation", [])[: config.eval_examples]
-    eval_examples, _ = data_lib.tokenize_records(eval_records, tokenizer, config.max_length)
+    eval_examples, _ = chat_format.tokenize_records(eval_records, tokenizer, config.max_length)
     score_records = evaluate.scored_records(splits.get("validation", []))[: config.score_examples]
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else data_lib.end_of_turn_id(tokenizer)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else chat_format.end_of_turn_id(tokenizer)
 
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = build_optimizer(config, trainable, device)
@@ -253,7 +242,7 @@ def train(config: TrainConfig, out_dir: str | os.PathLike, *, resume: bool = Fal
         step_start = time.perf_counter()
         micro = [schedule[(step - 1) * config.gradient_accumulation_steps + i]
                  for i in range(config.gradient_accumulation_steps)]
-        batches = [data_lib.collate([train_examples[j] for j in idx], pad_id) for idx in micro]
+        batches = [batching.collate([train_examples[j] for j in idx], pad_id) for idx in micro]
         n_labelled = sum(evaluate.labelled_tokens(b["labels"]) for b in batches)  # the whole step's
         step_loss, tokens = 0.0, 0
         for batch in processes.my_share(batches):
@@ -279,7 +268,8 @@ def train(config: TrainConfig, out_dir: str | os.PathLike, *, resume: bool = Fal
             bar.update(1)
             bar.set_postfix(loss=f"{step_loss:.4f}", tok_s=f"{tokens / seconds:,.0f}")
         elif say and progress == "log" and (step % config.eval_every == 0 or step == config.max_steps):
-            print(_log_line(step, config.max_steps, step_loss, lr, tokens / seconds), flush=True)
+            print(f"step {step:>5}/{config.max_steps}  loss {step_loss:.4f}  lr {lr:.2e}  "
+                  f"{tokens / seconds:,.0f} tokens/s", flush=True)
         if step % config.eval_every == 0 or step == config.max_steps:
             run_evaluation(step)
         if step % config.save_every == 0 and step < config.max_steps:

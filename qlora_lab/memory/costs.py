@@ -47,39 +47,11 @@ builds that account from first principles, one term at a time:
     checkpointing (the recipe's setting) only each layer's input is kept,
     plus one layer's activations while it is recomputed in the backward pass.
 
-What the paper measured, and how this model compares
-----------------------------------------------------
-* Sec. 1: full 16-bit finetuning of LLaMA-65B needs "more than 780 GB". Here:
-  12 bytes x 65.29e9 parameters + activations = 784 GB.
-* Abstract and Sec. 4-5: QLoRA finetunes 65B "on a single 48GB GPU" and
-  33B "on 24 GB consumer GPUs". Here, at the Figure 6 setting (batch 1,
-  512 tokens, gradient checkpointing): 44.9 GB and 23.9 GB; GPUs are sized
-  in binary units (:func:`gpu_capacity_bytes`): 51.5e9 and 25.8e9 bytes.
-* Sec. 2, "Memory Requirement of Parameter-Efficient Finetuning", for
-  LLaMA-7B: "the 4-bit base model consumes 5,048 MB", LoRA weights of 0.2%
-  of the model "take up only 26 MB" (here: 13.5e6 parameters x 2 bytes =
-  27 MB). The 4-bit base computed from the bits alone is 3,866 MB; the
-  paper's figure is a measurement of its software stack in 2023 and includes
-  more than the ideal storage (its 567 MB of "LoRA input gradients" at batch
-  1, and 18 MB per sequence with gradient checkpointing, are given without
-  a sequence length and could not be matched).
-* Table 6, column "Memory" (:data:`PAPER_TABLE6`): 4-bit Guanaco 7B/13B/
-  33B/65B 5/10/21/41 GB, 16-bit Vicuna 13B 26 GB and Open Assistant 33B
-  66 GB. The column is the memory of the deployed model, not of its
-  finetuning: the 16-bit rows are 2 bytes per parameter (a full finetune of
-  13B cannot run in 26 GB), Sec. 5.3 calls the 7B figure a "5 GB footprint"
-  that "easily fits on modern phones", and the paper's own 7B base model
-  (5,048 MB) plus the r = 64 adapters with their gradients and Adam states
-  (1.92 GB) exceed 5 GB. Compared like with like,
-  :func:`deployment_footprint` (weights, adapters, key/value cache for the
-  full 2048-token context at batch 1) is within 7% of all six rows
-  (:func:`qlora_lab.memory.report.paper_comparison`). The finetuning totals of :func:`estimate` are
-  6.1/10.6/23.9/44.9 GB: +22%, +6%, +14%, +10% above the column.
-
 Every figure is in bytes; tables print decimal gigabytes (1 GB = 10^9 bytes).
-The activation terms are derived in :mod:`qlora_lab.memory.activations`, the tables
-and the chart are :mod:`qlora_lab.memory.report`, and the measurement that
-checks the estimate is :func:`qlora_lab.memory.measured_step.measure_training_step`.
+The activation terms are derived in :mod:`qlora_lab.memory.activations`, the tables,
+the chart and how these figures compare with the paper's are
+:mod:`qlora_lab.memory.report`, and the measurement that checks the estimate is
+:func:`qlora_lab.memory.measured_step.measure_training_step`.
 """
 
 from __future__ import annotations
@@ -102,21 +74,6 @@ OPTIMIZER_TEMPORARIES = ("fused", "foreach", "per-tensor")
 
 LLAMA_SIZES = ("llama-7b", "llama-13b", "llama-33b", "llama-65b")
 
-PAPER_MEMORY_GB = {"llama-7b": 5, "llama-13b": 10, "llama-33b": 21, "llama-65b": 41}
-"""QLoRA, Table 6, column "Memory", for the 4-bit Guanaco models."""
-
-PAPER_TABLE6 = (
-    # (model in Table 6, shipped config, bits of its weights, Memory column in GB)
-    ("Guanaco 65B", "llama-65b", 4, 41),
-    ("Guanaco 33B", "llama-33b", 4, 21),
-    ("Open Assistant 33B", "llama-33b", 16, 66),
-    ("Vicuna 13B", "llama-13b", 16, 26),
-    ("Guanaco 13B", "llama-13b", 4, 10),
-    ("Guanaco 7B", "llama-7b", 4, 5),
-)
-"""Every row of QLoRA's Table 6 with a Memory entry. The 16-bit rows are full
-finetunes of LLaMA (no adapters)."""
-
 PAPER_FULL16_65B_GB = 780
 """QLoRA, Sec. 1: 16-bit finetuning of LLaMA-65B "requires more than 780 GB"."""
 
@@ -129,7 +86,6 @@ def gpu_capacity_bytes(size_gb: int) -> int:
     units (a "48 GB" card has 48 GiB, which nvidia-smi reports in MiB), so
     ``size_gb * 2**30``. Everything else here is in decimal GB."""
     return size_gb * 2**30
-
 
 
 # --------------------------------------------------------------------------- #
@@ -244,10 +200,10 @@ def estimate(
     optimizer_temporaries: str = "fused",
     blocksize: int = 64,
     double_quant: bool = True,
-    world_size: int = 1,
 ) -> MemoryEstimate:
-    """Memory needed to finetune a causal LM with ``method`` (per GPU when
-    ``world_size`` > 1: see :func:`fsdp_per_gpu`).
+    """Memory needed to finetune a causal LM with ``method`` on one GPU (one
+    GPU's share under FSDP is chapter 09's
+    :func:`qlora_lab.beyond.fits.estimate_per_gpu`).
 
     ``config`` is a transformers config, a dict, a path to a config JSON or
     model directory, or a shipped name (``"llama-7b"`` ... ``"llama-65b"``).
@@ -328,15 +284,6 @@ def estimate(
         per_token = shape.layers * per_layer + head
     activations = per_token * batch * seq_len + rope_table_bytes(config, seq_len, compute_dtype)
 
-    settings = {}
-    if world_size != 1 or isinstance(world_size, bool):
-        shared = fsdp_per_gpu(counts, shape, method, world_size, weights=weights, adapters=adapters,
-                              gradients=gradients, optimizer=optimizer, weight_bytes=w,
-                              blocksize=blocksize, double_quant=double_quant)
-        weights, adapters, gradients, optimizer = (shared[k] for k in ("weights", "adapters", "gradients",
-                                                                        "optimizer"))
-        settings = {"world_size": world_size, "gathered_bytes": shared["gathered"]}
-
     return MemoryEstimate(
         model=model_name(config, original), method=method, seq_len=seq_len, batch=batch,
         gradient_checkpointing=gradient_checkpointing, lora_r=None if method == "full16" else lora_r,
@@ -347,98 +294,6 @@ def estimate(
                   "adapter_dtype": str(as_dtype(adapter_dtype, "adapter_dtype")),
                   "optimizer_state_bytes": optimizer_state_bytes, "lora_dropout": lora_dropout,
                   "dropout_mask_bytes": dropout_mask_bytes, "attention": attention,
-                  "optimizer_temporaries": optimizer_temporaries, "blocksize": blocksize, "double_quant": double_quant,
-                  **settings},
+                  "optimizer_temporaries": optimizer_temporaries, "blocksize": blocksize, "double_quant": double_quant},
     )
 
-
-def fsdp_per_gpu(counts: ParameterCount, shape, method: str, world_size: int, *, weights: int, adapters: int,
-                 gradients: int, optimizer: int, weight_bytes: int, blocksize: int = 64,
-                 double_quant: bool = True) -> dict[str, int]:
-    """One GPU's share of the model's state under FSDP over ``world_size``
-    GPUs (chapter 09, :mod:`qlora_lab.beyond.fsdp`): 1/N of the weights, adapters,
-    gradients and optimizer states, plus the units FSDP gathers whole while
-    they compute: the root unit (embeddings, final norm, output head), whole
-    for the entire step, and two decoder layers (the one running and the next,
-    prefetched). ``"weights"`` includes the gathered bytes, also returned
-    alone as ``"gathered"``. Activations are per GPU already (each GPU runs
-    its own micro-batches)."""
-    if not isinstance(world_size, int) or isinstance(world_size, bool) or world_size < 1:
-        raise ValueError(f"world_size must be a positive integer (the number of GPUs), got {world_size!r}")
-    layers = shape.layers
-    if method == "qlora":
-        block = sum(nf4_storage_bytes(o * i, blocksize, double_quant) for o, i in counts.block_linear_shapes)
-    else:
-        block = counts.block_linear * weight_bytes
-    root = counts.other * weight_bytes  # embeddings, head and norms (the layers' norms are a rounding error)
-    layer = block // layers + adapters // layers
-    gathered = root + 2 * layer
-    if method == "full16":
-        gathered += gradients // layers  # one layer's gradient, whole, before its reduce-scatter
-    share = {name: math.ceil(value / world_size) for name, value in
-             (("weights", weights), ("adapters", adapters), ("gradients", gradients), ("optimizer", optimizer))}
-    share["weights"] += gathered
-    share["gathered"] = gathered
-    return share
-
-
-@dataclass(frozen=True)
-class Footprint:
-    """Memory to run a (finetuned) model for generation, in bytes."""
-
-    model: str
-    bits: int
-    context: int
-    batch: int
-    weights: int
-    adapters: int
-    kv_cache: int
-
-    @property
-    def total(self) -> int:
-        return self.weights + self.adapters + self.kv_cache
-
-
-def deployment_footprint(
-    config: Any,
-    bits: int = 4,
-    lora_r: int | None = GUANACO_LORA_R,
-    context: int | None = None,
-    batch: int = 1,
-    *,
-    compute_dtype: torch.dtype | str = torch.bfloat16,
-    adapter_dtype: torch.dtype | str = torch.bfloat16,
-) -> Footprint:
-    """Memory to serve a finetuned model: its weights (NF4 + double
-    quantization when ``bits=4``, else 16 bits), its LoRA adapters (a 4-bit
-    model keeps them beside the frozen weights: merging would need the 16-bit
-    weights; ``lora_r=None`` for a fully finetuned model), and the key/value
-    cache of ``context`` tokens (default: the config's
-    ``max_position_embeddings``, 2048 for LLaMA) for ``batch`` sequences:
-    ``2 x layers x kv_heads x head_dim x context x batch`` values in the
-    compute dtype. Activations of the token being generated are negligible.
-    """
-    original = config
-    config = read_model_config(config)
-    shape = model_shape(config)
-    if bits not in (4, 16):
-        raise ValueError(f"bits must be 4 (NF4 + double quantization) or 16, got {bits!r}")
-    if context is None:
-        context = getattr(config, "max_position_embeddings", None)
-        if context is None:
-            raise ValueError("the config has no 'max_position_embeddings'; pass context=")
-    check_positive("context", context)
-    check_positive("batch", batch)
-    counts = count_parameters(config)
-    if bits == 4:
-        weights = sum(nf4_storage_bytes(o * i) for o, i in counts.block_linear_shapes) + counts.other * 2
-    else:
-        weights = counts.total * 2
-    adapters = 0
-    if lora_r is not None:
-        check_positive("lora_r", lora_r)
-        adapters = counts.lora(lora_r) * as_dtype(adapter_dtype, "adapter_dtype").itemsize
-    c = as_dtype(compute_dtype, "compute_dtype").itemsize
-    kv_cache = 2 * shape.layers * shape.kv_dim * context * batch * c
-    return Footprint(model=model_name(config, original), bits=bits, context=context, batch=batch,
-                     weights=weights, adapters=adapters, kv_cache=kv_cache)

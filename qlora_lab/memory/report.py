@@ -4,13 +4,35 @@ full 16-bit finetuning, LoRA and QLoRA against 24, 48 and 80 GB GPUs.
 
 The numbers come from :mod:`qlora_lab.memory`; this module sets them side by side
 (with the paper's figures) and lays them out.
+
+What the paper measured, and how the memory model compares
+----------------------------------------------------------
+* Sec. 1: full 16-bit finetuning of LLaMA-65B needs "more than 780 GB". Here:
+  12 bytes x 65.29e9 parameters + activations = 784 GB.
+* Abstract and Sec. 4-5: QLoRA finetunes 65B "on a single 48GB GPU" and
+  33B "on 24 GB consumer GPUs". Here, at the Figure 6 setting (batch 1,
+  512 tokens, gradient checkpointing): 44.9 GB and 23.9 GB; GPUs are sized
+  in binary units (:func:`qlora_lab.memory.costs.gpu_capacity_bytes`): 51.5e9
+  and 25.8e9 bytes.
+* Sec. 2, "Memory Requirement of Parameter-Efficient Finetuning", for
+  LLaMA-7B: "the 4-bit base model consumes 5,048 MB", LoRA weights of 0.2%
+  of the model "take up only 26 MB" (here: 13.5e6 parameters x 2 bytes =
+  27 MB). The 4-bit base computed from the bits alone is 3,866 MB; the
+  paper's figure is a measurement of its software stack in 2023 and includes
+  more than the ideal storage (its 567 MB of "LoRA input gradients" at batch
+  1, and 18 MB per sequence with gradient checkpointing, are given without
+  a sequence length and could not be matched).
+* Table 6, column "Memory": the memory of the deployed model, not of its
+  finetuning; :mod:`qlora_lab.memory.footprint` compares it like with like,
+  and :func:`paper_comparison` sets the totals of
+  :func:`qlora_lab.memory.costs.estimate` beside it.
 """
 
 from __future__ import annotations
 
 from qlora_lab.memory.activations import GUANACO_LORA_R, METHODS
-from qlora_lab.memory.costs import (GB, GPU_SIZES_GB, LLAMA_SIZES, PAPER_TABLE6, MemoryEstimate, deployment_footprint,
-                                    estimate, gpu_capacity_bytes)
+from qlora_lab.memory.costs import GB, GPU_SIZES_GB, LLAMA_SIZES, MemoryEstimate, estimate, gpu_capacity_bytes
+from qlora_lab.memory.footprint import PAPER_TABLE6, deployment_footprint
 
 
 def estimates_table(estimates: list[MemoryEstimate]) -> str:

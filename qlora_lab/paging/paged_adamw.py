@@ -9,22 +9,10 @@ page between GPU and CPU RAM on its own, evicting pages to CPU RAM when the GPU
 runs out and bringing them back when the optimizer update needs them, the way
 an operating system pages RAM out to disk.
 
-The real thing, on CUDA (read in bitsandbytes 0.50.2):
+The real thing, on CUDA (read in bitsandbytes 0.50.2). The driver's side,
+``cudaMallocManaged`` memory and ``cudaMemPrefetchAsync``, is described in
+:mod:`qlora_lab.paging.pager`; the optimizer's side:
 
-* ``bitsandbytes.functional.get_paged`` allocates a tensor with
-  ``cget_managed_ptr``, a C wrapper around ``cudaMallocManaged`` (bitsandbytes'
-  ``csrc/pythonInterface.cpp``; the installed ``libbitsandbytes_cuda*.so``
-  import ``cudaMallocManaged``, ``cudaMemPrefetchAsync`` and
-  ``cudaDeviceGetAttribute``). That is one virtual address range valid on
-  both CPU and GPU, whose pages live wherever they were last touched. A GPU
-  kernel that touches a page held in CPU RAM raises a *page fault*; the
-  driver migrates the page and the kernel goes on. When the GPU is full, the
-  driver evicts managed pages to CPU RAM to make room for other allocations,
-  which is what keeps a spike from failing.
-* ``bitsandbytes.functional.prefetch_tensor`` calls ``cprefetch``, i.e.
-  ``cudaMemPrefetchAsync``, to migrate a whole tensor to the GPU ahead of
-  use (skipped on devices without ``cudaDevAttrConcurrentManagedAccess``),
-  so the update kernel does not stall on one fault per page.
 * ``bitsandbytes.optim.PagedAdamW32bit`` / ``PagedAdamW8bit`` (and
   ``PagedAdamW``) are the ordinary 32-bit / 8-bit AdamW with ``is_paged=True``.
   ``Optimizer8bit.get_state_buffer`` makes the state paged only for
@@ -40,8 +28,9 @@ The real thing, on CUDA (read in bitsandbytes 0.50.2):
 
 This module builds the same mechanism in plain PyTorch so that every move can
 be watched: :class:`PagedAdamW` keeps ``exp_avg`` and ``exp_avg_sq`` in
-fixed-size pages (:class:`PagedTensor`) managed by a :class:`Pager`. The
-pages' "device" is a :class:`DevicePool`, a byte budget with an allocator.
+fixed-size pages (:class:`qlora_lab.paging.paged_tensor.PagedTensor`) managed by
+a :class:`qlora_lab.paging.pager.Pager`. The pages' "device" is a
+:class:`qlora_lab.paging.device_pool.DevicePool`, a byte budget with an allocator.
 On CPU the pool simulates a GPU's memory; on CUDA it hands out real GPU
 memory under the budget and host pages are pinned CPU memory. Other users
 (the activations of a long batch) allocate from the same pool; when it is
@@ -54,16 +43,10 @@ Two differences from the hardware are deliberate and documented where they
 occur: the pool has no fragmentation (any free bytes can serve any
 allocation), and the update kernel reads a parameter's pages through a
 contiguous workspace (unified memory gives the kernel one contiguous virtual
-range; here the pages are separate tensors). The arithmetic is that of
-``torch.optim.AdamW``'s single-tensor path, operation for operation, so the
-updates are bit-for-bit those of ``torch.optim.AdamW(foreach=False)``
-whatever the budget.
-
-The pieces, one module each: :mod:`qlora_lab.paging.device_pool` (the device's
-memory as a budget with an allocator), :mod:`qlora_lab.paging.pager` (pages that move
-between device and host, least recently used first), this module (the
-optimizer on top of them) and :mod:`qlora_lab.paging.simulated_run` (a training run on
-the simulated device, where the spike happens).
+range; here the pages are separate tensors). The arithmetic is
+:func:`qlora_lab.paging.adamw_update.adamw_update`, ``torch.optim.AdamW``'s
+single-tensor path operation for operation, so the updates are bit-for-bit
+those of ``torch.optim.AdamW(foreach=False)`` whatever the budget.
 """
 
 from __future__ import annotations
@@ -73,17 +56,13 @@ from typing import Any
 import torch
 from torch.optim import Optimizer
 
+from qlora_lab.paging.adamw_update import adamw_update, check_hyperparameters, scalar_dtype
 from qlora_lab.paging.device_pool import DevicePool, format_size
-from qlora_lab.paging.pager import DEFAULT_PAGE_BYTES, PagedTensor, Pager, PagingCounters
+from qlora_lab.paging.paged_tensor import DEFAULT_PAGE_BYTES, PagedTensor
+from qlora_lab.paging.pager import Pager, PagingCounters
 from qlora_lab.support.checks import check_nbytes
-from qlora_lab.support.counting import distinct_tensors, local_bytes
 
-__all__ = ["PagedAdamW", "optimizer_state_bytes"]
-
-
-def _scalar_dtype() -> torch.dtype:
-    # torch.optim.optimizer._get_scalar_dtype: the dtype of Adam's "step" tensor
-    return torch.float64 if torch.get_default_dtype() == torch.float64 else torch.float32
+__all__ = ["PagedAdamW"]
 
 
 class PagedAdamW(Optimizer):
@@ -91,22 +70,13 @@ class PagedAdamW(Optimizer):
     move between a device budget and host memory (QLoRA, Sec. 3, "Paged
     Optimizers"; bitsandbytes' ``PagedAdamW32bit`` on CUDA).
 
-    The update of each parameter is ``torch.optim.AdamW``'s single-tensor
-    path (``torch/optim/adam.py``, ``_single_tensor_adam`` with
-    ``decoupled_weight_decay=True``), operation for operation::
-
-        step += 1
-        p.mul_(1 - lr * weight_decay)
-        exp_avg.lerp_(grad, 1 - beta1)
-        exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
-        step_size = lr / (1 - beta1 ** step)
-        denom = (exp_avg_sq.sqrt() / (1 - beta2 ** step) ** 0.5).add_(eps)
-        p.addcdiv_(exp_avg, denom, value=-step_size)
-
-    so the parameters equal ``torch.optim.AdamW(foreach=False)``'s bit for bit
-    at any budget (on CPU that is torch's default; on CUDA torch defaults to
-    the ``foreach`` kernels, which round differently). Parameters whose
-    ``grad`` is ``None`` are skipped, as in torch.
+    The update of each parameter is
+    :func:`qlora_lab.paging.adamw_update.adamw_update`, ``torch.optim.AdamW``'s
+    single-tensor path operation for operation, so the parameters equal
+    ``torch.optim.AdamW(foreach=False)``'s bit for bit at any budget (on CPU
+    that is torch's default; on CUDA torch defaults to the ``foreach``
+    kernels, which round differently). Parameters whose ``grad`` is ``None``
+    are skipped, as in torch.
 
     Per parameter, as bitsandbytes does it: create the state on the first
     step (zero pages, on the device), prefetch its pages, update, and leave
@@ -135,20 +105,7 @@ class PagedAdamW(Optimizer):
                  eps: float = 1e-8, weight_decay: float = 1e-2, *, page_bytes: int = DEFAULT_PAGE_BYTES,
                  device_budget_bytes: int | None = None, pool: DevicePool | None = None,
                  paging: bool = True, prefetch: bool = True) -> None:
-        if isinstance(lr, torch.Tensor) or any(isinstance(b, torch.Tensor) for b in betas):
-            raise TypeError("PagedAdamW takes lr and betas as Python floats (lr.item()), not tensors")
-        # torch.optim.Adam's checks, with its messages
-        if not 0.0 <= lr:
-            raise ValueError(f"Invalid learning rate: {lr}")
-        if not 0.0 <= eps:
-            raise ValueError(f"Invalid epsilon value: {eps}")
-        if not 0.0 <= betas[0] < 1.0:
-            raise ValueError(f"Invalid beta parameter at index 0: {betas[0]}")
-        if not 0.0 <= betas[1] < 1.0:
-            raise ValueError(f"Invalid beta parameter at index 1: {betas[1]}")
-        if not 0.0 <= weight_decay:
-            raise ValueError(f"Invalid weight_decay value: {weight_decay}")
-
+        check_hyperparameters(lr, betas, eps, weight_decay)
         check_nbytes(page_bytes, "page_bytes")
         if page_bytes <= 0:
             raise ValueError(f"page_bytes must be a positive number of bytes, got {page_bytes}; "
@@ -159,12 +116,11 @@ class PagedAdamW(Optimizer):
             if device_budget_bytes is not None:
                 raise ValueError("pass either device_budget_bytes (a pool is made for the optimizer) "
                                  "or pool (a shared DevicePool with its own capacity), not both")
-        else:
-            if device_budget_bytes is not None:
-                check_nbytes(device_budget_bytes, "device_budget_bytes")
-                if device_budget_bytes <= 0:
-                    raise ValueError(f"device_budget_bytes must be positive (or None for no limit), "
-                                     f"got {device_budget_bytes}")
+        elif device_budget_bytes is not None:
+            check_nbytes(device_budget_bytes, "device_budget_bytes")
+            if device_budget_bytes <= 0:
+                raise ValueError(f"device_budget_bytes must be positive (or None for no limit), "
+                                 f"got {device_budget_bytes}")
         budget = pool.capacity if pool is not None else device_budget_bytes
         if budget is not None and budget < page_bytes:
             raise ValueError(
@@ -278,9 +234,9 @@ class PagedAdamW(Optimizer):
                     pager.acquire(paged)
                     exp_avg = state["exp_avg"].gather(p)
                     exp_avg_sq = state["exp_avg_sq"].gather(p)
-                    _adamw_update(p, p.grad, exp_avg, exp_avg_sq, state["step"], lr=group["lr"],
-                                  beta1=beta1, beta2=beta2, eps=group["eps"],
-                                  weight_decay=group["weight_decay"])
+                    adamw_update(p, p.grad, exp_avg, exp_avg_sq, state["step"], lr=group["lr"],
+                                 beta1=beta1, beta2=beta2, eps=group["eps"],
+                                 weight_decay=group["weight_decay"])
                     state["exp_avg"].scatter(exp_avg)
                     state["exp_avg_sq"].scatter(exp_avg_sq)
                 finally:
@@ -297,7 +253,7 @@ class PagedAdamW(Optimizer):
         except BaseException:
             self.pager.drop(exp_avg)
             raise
-        state["step"] = torch.tensor(0.0, dtype=_scalar_dtype())
+        state["step"] = torch.tensor(0.0, dtype=scalar_dtype())
         state["exp_avg"] = exp_avg
         state["exp_avg_sq"] = exp_avg_sq
 
@@ -340,56 +296,3 @@ class PagedAdamW(Optimizer):
                 values["step"] = values["step"].clone()
                 for key in ("exp_avg", "exp_avg_sq"):
                     values[key] = self.pager.adopt(values[key], self._label(p, key), like=p)
-
-
-def _adamw_update(p: torch.Tensor, grad: torch.Tensor, exp_avg: torch.Tensor, exp_avg_sq: torch.Tensor,
-                  step_t: torch.Tensor, *, lr: float, beta1: float, beta2: float, eps: float,
-                  weight_decay: float) -> None:
-    """One parameter's AdamW update, in the order of torch's
-    ``_single_tensor_adam`` (capturable=False, differentiable=False,
-    decoupled_weight_decay=True, amsgrad=False, maximize=False)."""
-    step_t += 1
-    if weight_decay != 0:
-        p.mul_(1 - lr * weight_decay)
-    exp_avg.lerp_(grad, 1 - beta1)
-    exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
-    step = step_t.item()
-    bias_correction1 = 1 - beta1**step
-    bias_correction2 = 1 - beta2**step
-    step_size = lr / bias_correction1
-    bias_correction2_sqrt = bias_correction2**0.5
-    denom = (exp_avg_sq.sqrt() / bias_correction2_sqrt).add_(eps)
-    p.addcdiv_(exp_avg, denom, value=-step_size)
-
-
-def optimizer_state_bytes(optimizer: Optimizer, *, by_key: bool = False) -> int | dict[str, int]:
-    """Bytes of optimizer state: the sum of the sizes of the tensors in
-    ``optimizer.state`` (``numel * element_size``; of a tensor FSDP shards,
-    the shard this process holds).
-
-    Works for any ``torch.optim.Optimizer``: torch's AdamW (``step``,
-    ``exp_avg``, ``exp_avg_sq``), bitsandbytes' 8-bit optimizers (``state1``,
-    ``state2`` in uint8, ``absmax1``, ``absmax2``, and the quantization maps
-    ``qmap1``, ``qmap2``, which are one tensor shared by all parameters and so
-    counted once), and :class:`PagedAdamW` (a :class:`PagedTensor` counts its
-    logical size, ``numel * itemsize``, wherever its pages are: paging moves
-    memory, it does not save it). Non-tensor entries (bitsandbytes keeps
-    ``step`` as an int) take no tensor memory and are skipped.
-
-    With ``by_key=True``: ``{state key: bytes}`` instead of the total.
-    """
-    if not isinstance(optimizer, Optimizer):
-        raise TypeError(f"optimizer_state_bytes takes a torch.optim.Optimizer, got {type(optimizer).__name__}")
-    totals: dict[str, int] = {}
-    key_of: dict[int, str] = {}  # each plain tensor's first state key, to file its bytes under
-    tensors = []
-    for values in optimizer.state.values():
-        for key, value in values.items():
-            if isinstance(value, PagedTensor):
-                totals[key] = totals.get(key, 0) + value.nbytes
-            elif isinstance(value, torch.Tensor):
-                key_of.setdefault(id(value), key)
-                tensors.append(value)
-    for t in distinct_tensors(tensors):  # the course's one rule for "the same tensor" (support.counting)
-        totals[key_of[id(t)]] = totals.get(key_of[id(t)], 0) + local_bytes(t)
-    return totals if by_key else sum(totals.values())

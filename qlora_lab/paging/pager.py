@@ -3,12 +3,29 @@ for ``cudaMallocManaged`` memory, the mechanism behind QLoRA's paged
 optimizers (Sec. 3), written in plain PyTorch so that every move can be
 watched.
 
-A :class:`PagedTensor` stores a flat tensor in fixed-size :class:`Page` s;
-each page is either on the device (a :class:`qlora_lab.paging.device_pool.Block`)
-or in host memory. The :class:`Pager` creates pages, brings them in before
-use (prefetch, or one fault per page), and, when the pool asks for room,
-evicts the least recently used unpinned ones. :class:`PagingCounters` says
-what moved.
+The real thing, on CUDA (read in bitsandbytes 0.50.2):
+
+* ``bitsandbytes.functional.get_paged`` allocates a tensor with
+  ``cget_managed_ptr``, a C wrapper around ``cudaMallocManaged`` (bitsandbytes'
+  ``csrc/pythonInterface.cpp``; the installed ``libbitsandbytes_cuda*.so``
+  import ``cudaMallocManaged``, ``cudaMemPrefetchAsync`` and
+  ``cudaDeviceGetAttribute``). That is one virtual address range valid on
+  both CPU and GPU, whose pages live wherever they were last touched. A GPU
+  kernel that touches a page held in CPU RAM raises a *page fault*; the
+  driver migrates the page and the kernel goes on. When the GPU is full, the
+  driver evicts managed pages to CPU RAM to make room for other allocations,
+  which is what keeps a spike from failing.
+* ``bitsandbytes.functional.prefetch_tensor`` calls ``cprefetch``, i.e.
+  ``cudaMemPrefetchAsync``, to migrate a whole tensor to the GPU ahead of
+  use (skipped on devices without ``cudaDevAttrConcurrentManagedAccess``),
+  so the update kernel does not stall on one fault per page.
+
+Here the pages are those of a :class:`qlora_lab.paging.paged_tensor.PagedTensor`,
+each on the device (a :class:`qlora_lab.paging.device_pool.Block`) or in host
+memory. The :class:`Pager` creates pages, brings them in before use
+(prefetch, or one fault per page), and, when the pool asks for room, evicts
+the least recently used unpinned ones (our policy; the driver's choice of
+victims is its own). :class:`PagingCounters` says what moved.
 """
 
 from __future__ import annotations
@@ -19,13 +36,10 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-from qlora_lab.paging.device_pool import Block, DevicePool
+from qlora_lab.paging.device_pool import DevicePool
+from qlora_lab.paging.paged_tensor import Page, PagedTensor
 
-__all__ = ["DEFAULT_PAGE_BYTES", "Page", "PagedTensor", "Pager", "PagingCounters"]
-
-DEFAULT_PAGE_BYTES = 4096
-"""4 KiB, the size of a CPU memory page on x86 (the CUDA driver migrates unified
-memory in pages of this size and in larger blocks, up to 2 MiB)."""
+__all__ = ["Pager", "PagingCounters"]
 
 
 @dataclass
@@ -49,107 +63,6 @@ class PagingCounters:
 
     def as_dict(self) -> dict[str, int]:
         return {**asdict(self), "bytes_moved": self.bytes_moved}
-
-
-class Page:
-    """``page_bytes`` bytes of one :class:`PagedTensor`. Its data is in exactly
-    one place: a device :class:`Block` (``frame``) or its ``host`` buffer."""
-
-    __slots__ = ("label", "frame", "host")
-
-    def __init__(self, label: str) -> None:
-        self.label = label
-        self.frame: Block | None = None
-        self.host: torch.Tensor | None = None
-
-    @property
-    def on_device(self) -> bool:
-        return self.frame is not None
-
-    def __repr__(self) -> str:
-        return f"Page({self.label!r}, {'device' if self.on_device else 'host'})"
-
-
-class PagedTensor:
-    """A flat tensor of ``numel`` elements stored in fixed-size pages.
-
-    Page ``i`` holds elements ``[i*k, (i+1)*k)`` with ``k = page_bytes //
-    itemsize``; the last page is allocated whole even when partly used (the
-    internal fragmentation of any paged memory). Elements are in the memory
-    order of a tensor shaped like ``shape`` (``torch.empty_like`` of the
-    parameter).
-    """
-
-    def __init__(self, shape: torch.Size, dtype: torch.dtype, page_bytes: int, label: str) -> None:
-        self.shape = torch.Size(shape)
-        self.dtype = dtype
-        self.numel = self.shape.numel()
-        self.page_bytes = page_bytes
-        self.page_numel = page_bytes // dtype.itemsize
-        self.label = label
-        n_pages = -(-self.numel // self.page_numel)
-        self.pages = [Page(f"{label}[{i}]") for i in range(n_pages)]
-
-    def __repr__(self) -> str:
-        on = sum(p.on_device for p in self.pages)
-        return (f"PagedTensor({self.label!r}, shape={tuple(self.shape)}, {self.dtype}, "
-                f"{len(self.pages)} pages, {on} on device)")
-
-    @property
-    def nbytes(self) -> int:
-        """Logical size, ``numel * itemsize`` (what a plain tensor would take)."""
-        return self.numel * self.dtype.itemsize
-
-    @property
-    def paged_bytes(self) -> int:
-        """Bytes its pages take: ``len(pages) * page_bytes``."""
-        return len(self.pages) * self.page_bytes
-
-    def _span(self, i: int) -> tuple[int, int]:
-        start = i * self.page_numel
-        return start, min(start + self.page_numel, self.numel)
-
-    @staticmethod
-    def _flat(t: torch.Tensor) -> torch.Tensor:
-        # A dense tensor's storage, in memory order; works for any dense layout
-        # (empty_like(p) keeps p's layout, as torch's zeros_like state does).
-        return t.as_strided((t.numel(),), (1,))
-
-    def _page_data(self, page: Page, count: int) -> torch.Tensor:
-        raw = page.frame.tensor if page.frame is not None else page.host
-        return raw.view(self.dtype)[:count]
-
-    def read(self, like: torch.Tensor | None = None) -> torch.Tensor:
-        """A copy of the whole tensor (shape ``shape``), read from wherever each
-        page is, without moving pages (a debugger's view, or a checkpoint)."""
-        out = torch.empty(self.shape, dtype=self.dtype) if like is None else torch.empty_like(like)
-        flat = self._flat(out)
-        for i, page in enumerate(self.pages):
-            start, stop = self._span(i)
-            flat[start:stop].copy_(self._page_data(page, stop - start))
-        return out
-
-    def gather(self, like: torch.Tensor) -> torch.Tensor:
-        """The device pages copied into one workspace shaped like ``like``: what
-        the update kernel reads. Every page must be on the device."""
-        out = torch.empty_like(like)
-        flat = self._flat(out)
-        for i, page in enumerate(self.pages):
-            if page.frame is None:
-                raise RuntimeError(f"page {page.label} is not on the device; acquire it first")
-            start, stop = self._span(i)
-            flat[start:stop].copy_(self._page_data(page, stop - start))
-        return out
-
-    def scatter(self, values: torch.Tensor) -> None:
-        """Write ``values`` (a tensor shaped like the workspace) back into the
-        device pages."""
-        flat = self._flat(values)
-        for i, page in enumerate(self.pages):
-            if page.frame is None:
-                raise RuntimeError(f"page {page.label} is not on the device; acquire it first")
-            start, stop = self._span(i)
-            self._page_data(page, stop - start).copy_(flat[start:stop])
 
 
 class Pager:
@@ -236,16 +149,16 @@ class Pager:
         tensor = PagedTensor(values.shape, values.dtype, self.page_bytes, label)
         ordered = torch.empty_like(like, dtype=values.dtype)
         ordered.copy_(values)
-        flat = PagedTensor._flat(ordered)
+        flat = PagedTensor.flat(ordered)
         try:
             for i, page in enumerate(tensor.pages):
-                start, stop = tensor._span(i)
+                start, stop = tensor.span(i)
                 if self.paging:
                     page.host = self._new_host_buffer()
                 else:
                     page.frame = self.pool.allocate(self.page_bytes, self.owner, label=f"load {page.label}")
                     self._lru[page] = None
-                tensor._page_data(page, stop - start).copy_(flat[start:stop])
+                tensor.page_data(page, stop - start).copy_(flat[start:stop])
         except BaseException:
             self.drop(tensor)
             raise

@@ -43,7 +43,7 @@ def fake_quantize_linear_layers(model: torch.nn.Module, quant_type: str = "nf4",
                                 skip: tuple[str, ...] = ("lm_head",)) -> int:
     """Replace the weight of every ``nn.Linear`` of ``model`` (in place) by
     :func:`round_trip` of it: the 4-bit ``quant_type`` or, with ``code`` (any
-    table, e.g. ``nf4.normal_float_code(3)``), block-wise quantization to that
+    table, e.g. ``codes.normal_float_code(3)`` of :mod:`qlora_lab.quant.codes`), block-wise quantization to that
     code (``quant_type`` is then ignored). Layers whose qualified name ends with
     an entry of ``skip`` are left alone (the output layer, tied to the
     embeddings in SmolLM2; QLoRA keeps it in 16 bits too). Returns the number of

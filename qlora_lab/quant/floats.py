@@ -7,8 +7,9 @@ the two bit counts. :func:`float_fields` and :func:`float_bit_string` read the
 fields of stored numbers.
 
 The module also holds the input checks that the quantizers of chapter 01
-(:mod:`qlora_lab.quant.int8`, :mod:`qlora_lab.quant.llm_int8`) share: quantization starts
-from a non-empty, finite float tensor and returns integer codes.
+(:mod:`qlora_lab.quant.int8`, :mod:`qlora_lab.quant.zeropoint`, :mod:`qlora_lab.quant.llm_int8`)
+share: quantization starts from a non-empty, finite float tensor, a bit width and positive
+scales, and returns integer codes.
 """
 
 from __future__ import annotations
@@ -18,8 +19,8 @@ from dataclasses import dataclass
 
 import torch
 
-__all__ = ["FloatFormat", "check_float_tensor", "check_integer_tensor", "float_bit_string", "float_fields",
-           "float_format"]
+__all__ = ["FloatFormat", "check_bits", "check_float_tensor", "check_integer_tensor", "check_scale", "float_bit_string",
+           "float_fields", "float_format"]
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
@@ -144,3 +145,19 @@ def check_integer_tensor(q: object, fn: str) -> torch.Tensor:
     if q.dtype.is_floating_point or q.dtype.is_complex or q.dtype == torch.bool:
         raise ValueError(f"{fn} expects the integer codes returned by the quantizer, got a {q.dtype} tensor")
     return q
+
+
+def check_bits(bits: object, fn: str) -> int:
+    if isinstance(bits, bool) or not isinstance(bits, int):
+        raise TypeError(f"{fn} expects bits to be an int between 2 and 8, got {bits!r}")
+    if not 2 <= bits <= 8:
+        raise ValueError(f"{fn} supports 2 to 8 bits (results are stored as int8), got bits={bits}")
+    return bits
+
+
+def check_scale(scale: object, fn: str, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """``scale`` as a tensor of ``dtype``, after checking that every scale is finite and positive."""
+    s = torch.as_tensor(scale, dtype=dtype)
+    if not bool(torch.isfinite(s).all()) or bool((s <= 0).any()):
+        raise ValueError(f"{fn} needs finite, positive scales; got {scale!r}")
+    return s

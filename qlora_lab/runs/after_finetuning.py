@@ -31,6 +31,7 @@ from pathlib import Path
 
 import torch
 
+from qlora_lab.finetune import chat_format
 from qlora_lab.finetune import data as data_lib
 from qlora_lab.finetune import evaluate
 from qlora_lab.support.atomic import atomic_directory
@@ -174,7 +175,7 @@ def _gguf_checks(merged, tokenizer, records) -> dict:
     from qlora_lab.after.gguf import load_gguf, write_gguf
 
     out = {}
-    prompts = [data_lib.prompt_ids(r["messages"], tokenizer) for r in records]
+    prompts = [chat_format.prompt_ids(r["messages"], tokenizer) for r in records]
     reference = evaluate.generate(merged, tokenizer, [r["messages"] for r in records], max_new_tokens=16)
     with tempfile.TemporaryDirectory() as tmp:
         for gguf_type in ("f16", "q8_0"):

@@ -11,7 +11,7 @@ here, once, on the teacher's hardware before a seminar:
    with the same paged AdamW).
 2. For each: the peak GPU memory PyTorch allocated against
    ``qlora_lab.memory``'s estimate of the step's peak for the run
-   (:func:`qlora_lab.finetune.backends.run_estimate`) without the Adam states, which
+   (:func:`qlora_lab.finetune.plan.run_estimate`) without the Adam states, which
    bitsandbytes' paged AdamW keeps in CUDA unified memory, outside PyTorch's
    allocations; the estimate with them; the GPU memory in use at the end
    (``cudaMemGetInfo``: everything, the CUDA context and the paged states
@@ -124,7 +124,7 @@ def run_from_args(args) -> int:
         print("gpu-smoke needs a CUDA GPU and this machine has none (torch.cuda.is_available() is False); "
               "the CPU parts are checked by make test.", file=sys.stderr)
         return 1
-    from qlora_lab.finetune.backends import run_estimate
+    from qlora_lab.finetune.plan import run_estimate
     from qlora_lab.finetune.recipe import preset
 
     config = preset("smollm2-cpu" if args.cpu else "llama-7b-gpu", model=args.model, max_steps=args.steps)

@@ -1,10 +1,13 @@
 """Where the course's files are: the data set, the evaluation text, committed results.
 
-They ship inside the package (``qlora_lab/datasets/``, ``qlora_lab/results/``,
-listed as package data in ``pyproject.toml``), so they are found the same way
-from a checkout, an editable install and a plain ``pip install .``: through
-``importlib.resources``, never relative to the current directory or to the
-repository. Everything else asks this module.
+The results ship inside the package (``qlora_lab/results/``). The data set and
+the evaluation text live at the top of the repository (``datasets/``), and
+``pyproject.toml`` installs that folder as ``qlora_lab/datasets/``. So a plain
+``pip install .`` finds them inside the installed package, and a checkout (or
+an editable install, which runs from the checkout) finds them in the
+repository's ``datasets/`` beside the package. Both are found through the
+package's own location, never the current directory. Everything else asks this
+module.
 """
 
 from __future__ import annotations
@@ -13,7 +16,7 @@ from importlib.resources import files
 from pathlib import Path
 
 __all__ = ["AFTER_FINETUNING_RESULTS", "COURSE_DATASET_DIR", "EVAL_TEXT_DIR", "EXPERIMENT_RESULTS", "JUDGE_RESULTS",
-           "RESULTS_DIR", "TASK_ADAPTERS_DIR", "package_path"]
+           "RESULTS_DIR", "TASK_ADAPTERS_DIR", "datasets_path", "package_path"]
 
 
 def package_path(*parts: str) -> Path:
@@ -25,12 +28,26 @@ def package_path(*parts: str) -> Path:
     return resource
 
 
+def datasets_path(*parts: str) -> Path:
+    """A path inside the course's ``datasets/``: the installed copy
+    (``qlora_lab/datasets/``) if there is one, else the checkout's top-level
+    ``datasets/`` next to the ``qlora_lab`` folder."""
+    installed = package_path("datasets")
+    if installed.is_dir():
+        return installed.joinpath(*parts)
+    checkout = package_path().parent / "datasets"
+    if checkout.is_dir():
+        return checkout.joinpath(*parts)
+    raise RuntimeError(f"the course's data is missing: neither {installed} (an installed qlora-lab) nor {checkout} "
+                       f"(a checkout) exists; reinstall with pip install . from a full checkout of the repository")
+
+
 #: The course's instruction data set: ``train``, ``validation`` and ``test``
 #: JSONL files with their datasheet (``README.md``) and generator.
-COURSE_DATASET_DIR = package_path("datasets", "qlora_lab_instruct")
+COURSE_DATASET_DIR = datasets_path("qlora_lab_instruct")
 
 #: The course's fixed text for perplexity (``*.txt``, with a datasheet).
-EVAL_TEXT_DIR = package_path("datasets", "eval_text")
+EVAL_TEXT_DIR = datasets_path("eval_text")
 
 #: The results of ``make experiments`` that chapter 07 plots.
 EXPERIMENT_RESULTS = package_path("results", "experiments.json")

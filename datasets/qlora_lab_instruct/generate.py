@@ -1,8 +1,8 @@
 """Generate the qlora-lab instruction data set (deterministic; see README.md).
 
-    python qlora_lab/datasets/qlora_lab_instruct/generate.py            # rewrite the files here
-    python qlora_lab/datasets/qlora_lab_instruct/generate.py --out DIR  # write them elsewhere
-    python qlora_lab/datasets/qlora_lab_instruct/generate.py --check    # regenerate and compare
+    python datasets/qlora_lab_instruct/generate.py            # rewrite the files here
+    python datasets/qlora_lab_instruct/generate.py --out DIR  # write them elsewhere
+    python datasets/qlora_lab_instruct/generate.py --check    # regenerate and compare
 
 Two kinds of examples, in the chat format of ``tokenizer.apply_chat_template``:
 
@@ -35,7 +35,7 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-sys.path.insert(0, str(HERE.parents[2]))  # the repository root, for qlora_lab
+sys.path.insert(0, str(HERE.parents[1]))  # the repository root, for qlora_lab
 
 import pool  # noqa: E402
 import pool_tasks  # noqa: E402
