@@ -4,7 +4,7 @@
 # Each target bootstraps the environment from nothing but a supported Python
 # (3.11, 3.12, 3.13 or 3.14) and make. `make python` says which interpreter would be used.
 
-# The Python versions every pin has wheels for (tests/test_python_versions.py resolves
+# The Python versions every pin has wheels for (tests/repo/test_python_versions.py resolves
 # the pins for each, on Linux x86-64 and macOS arm64). Newest first: that is the order
 # in which the bootstrap looks for an interpreter on the PATH.
 SUPPORTED_PYTHONS := 3.14 3.13 3.12 3.11

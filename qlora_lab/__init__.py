@@ -19,7 +19,7 @@ folder        stage                                                             
 ============  =================================================================  ==========
 
 Which modules each chapter's notebook uses is the README's chapter table
-(checked against the notebooks by ``tests/test_package_layout.py``).
+(checked against the notebooks by ``tests/repo/test_package_layout.py``).
 ``qlora_lab.env_check`` checks the environment (chapter 00); speed tricks live
 in ``qlora_lab.fast``, plumbing (atomic writes, resuming, package files, quiet
 loading) in ``qlora_lab.support``, the exercise checkers in

@@ -8,7 +8,9 @@ r"""``python -m qlora_lab finetune``: the course's finale as a command.
     torchrun --standalone --nproc_per_node 2 -m qlora_lab finetune --fsdp --preset smollm2-cpu --out runs/fsdp \
         --set gradient_accumulation_steps=2 --set batch_size=4   # the 2 processes share each step's micro-batches
 
-Settings of a preset can be changed with ``--max-steps``, ``--model``, ``--data``, ``--backend`` or
+Settings of a preset can be changed with ``--max-steps``, ``--model``, ``--data`` (the course's data set,
+a hub data set such as ``timdettmers/openassistant-guanaco``, or a download of one), ``--data-format``,
+``--train-on``, ``--backend`` or
 ``--set name=value`` (any field of ``qlora_lab.finetune.recipe.TrainConfig``). ``--backend`` chooses who builds
 the model: ``bitsandbytes`` (transformers + bitsandbytes + peft, the default on CUDA) or ``qlora_lab``
 (the course's layers, the default on a CPU); see ``qlora_lab.finetune.backends``.
@@ -24,8 +26,10 @@ import sys
 import qlora_lab  # noqa: F401  (quiets bitsandbytes before it is imported)
 
 
-def _parse_value(text: str, current):
-    """A --set value in the type of the field it replaces."""
+def _parse_value(text: str, current, optional: bool = False):
+    """A --set value in the type of the field it replaces (``none`` clears an optional one)."""
+    if (optional or current is None) and text.lower() == "none":
+        return None
     if isinstance(current, bool):
         if text.lower() in ("1", "true", "yes", "on"):
             return True
@@ -36,17 +40,31 @@ def _parse_value(text: str, current):
         return int(text)
     if isinstance(current, float):
         return float(text)
-    if current is None and text.lower() == "none":
-        return None
     return text
+
+
+def default_preset() -> str:
+    """The preset a run without ``--preset`` uses: the 7B recipe where there is a CUDA GPU, else SmolLM2's."""
+    import torch
+
+    return "llama-7b-gpu" if torch.cuda.is_available() else "smollm2-cpu"
+
+
+def default_out(config) -> str:
+    """Where a run without ``--out`` writes: ``runs/<the model's name>``."""
+    name = config.model.rstrip("/").replace("\\", "/").rsplit("/", 1)[-1] or "model"
+    return f"runs/{name}"
 
 
 def resolve_config(args) -> "TrainConfig":  # noqa: F821
     from qlora_lab.finetune.recipe import PRESETS, TrainConfig, preset, renamed_hint
 
+    if args.preset is None:
+        args.preset = default_preset()
+        print(f"preset: {args.preset} (the default on this machine; --preset chooses another)", file=sys.stderr)
     defaults = PRESETS[args.preset]
     overrides = {}
-    fields = {f.name for f in dataclasses.fields(TrainConfig)}
+    fields = {f.name: f for f in dataclasses.fields(TrainConfig)}
     for item in args.set or []:
         if "=" not in item:
             raise ValueError(f"--set takes name=value, got {item!r}")
@@ -57,13 +75,16 @@ def resolve_config(args) -> "TrainConfig":  # noqa: F821
             raise ValueError(f"--set {name}: unknown setting{renamed_hint([name])}; valid settings: "
                              f"{', '.join(sorted(fields))}")
         try:
-            overrides[name] = _parse_value(value, getattr(defaults, name))
+            overrides[name] = _parse_value(value, getattr(defaults, name), "None" in str(fields[name].type))
         except ValueError as err:
             raise ValueError(f"--set {name}={value}: {err}") from None
     for flag, name in [("model", "model"), ("data", "data"), ("max_steps", "max_steps"),
-                       ("score", "score_examples"), ("backend", "backend")]:
+                       ("score", "score_examples"), ("backend", "backend"), ("train_on", "train_on"),
+                       ("data_format", "data_format")]:
         if getattr(args, flag) is not None:
             overrides[name] = getattr(args, flag)
+    if overrides.get("model", defaults.model) != defaults.model and "memory_config" not in overrides:
+        overrides["memory_config"] = None  # the preset's stand-in config describes the preset's model, not this one
     return preset(args.preset, **overrides)
 
 
@@ -87,7 +108,8 @@ def finetune(args) -> int:
         print(memory_plan_text(config, device_type))
         return 0
     if args.out is None:
-        raise ValueError("--out DIR is required (where checkpoints, the adapter and metrics.json go)")
+        args.out = default_out(config)
+        print(f"output: {args.out} (--out chooses another directory)", file=sys.stderr)
     device = resolve_device(config)  # refuses the GPU preset on a machine without a GPU
     if device.type == "cuda":
         import torch
@@ -103,6 +125,9 @@ def finetune(args) -> int:
     if args.fsdp and not _is_rank0():
         return 0  # rank 0 reports for all
     first, last = result.evaluations[0], result.evaluations[-1]
+    print(result.data)
+    print(f"epochs: {config.max_steps} steps x {config.effective_batch_size} examples = {result.epochs:.2f} passes "
+          f"over the training examples")
     print(f"trained {len(result.history)} steps with the {result.backend} backend"
           + (f" (resumed at step {result.resumed_from})" if result.resumed_from else ""))
     for key in ("eval_loss", "exact_match"):
@@ -126,16 +151,26 @@ def _is_rank0() -> bool:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from qlora_lab.finetune.chat_format import TRAIN_ON
+    from qlora_lab.finetune.hub_data import DATA_FORMATS
     from qlora_lab.finetune.recipe import PRESETS
 
     parser = argparse.ArgumentParser(prog="python -m qlora_lab", description="qlora-lab commands")
     commands = parser.add_subparsers(dest="command", required=True)
     ft = commands.add_parser("finetune", help="QLoRA finetuning with the Guanaco recipe",
                              description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ft.add_argument("--preset", required=True, choices=sorted(PRESETS))
+    ft.add_argument("--preset", choices=sorted(PRESETS),
+                    help="the recipe's settings (default: llama-7b-gpu where there is a CUDA GPU, else smollm2-cpu)")
     ft.add_argument("--model", help="model directory or hub id (smollm2 and tiny-llama are built in)")
-    ft.add_argument("--data", help="directory with train.jsonl and validation.jsonl (default: the course's data set)")
-    ft.add_argument("--out", help="output directory for checkpoints, the adapter and metrics.json")
+    ft.add_argument("--data", help="the course's layout (a directory with train.jsonl and validation.jsonl; "
+                                   "default: the course's data set), a hub data set (timdettmers/openassistant-"
+                                   "guanaco), its download directory, or a .jsonl/.json/.parquet/.arrow file")
+    ft.add_argument("--data-format", dest="data_format", choices=["auto", *DATA_FORMATS],
+                    help="the data's schema (default auto: read from its columns; qlora_lab.finetune.hub_data)")
+    ft.add_argument("--train-on", dest="train_on", choices=TRAIN_ON,
+                    help="the loss on the assistant's replies (default) or on every token, as Guanaco was trained")
+    ft.add_argument("--out", help="output directory for checkpoints, the adapter and metrics.json "
+                                  "(default: runs/<the model's name>)")
     ft.add_argument("--max-steps", type=int, dest="max_steps")
     ft.add_argument("--backend", choices=["auto", "qlora_lab", "bitsandbytes"],
                     help="who builds the model: bitsandbytes (transformers + bitsandbytes + peft; default on CUDA) "
@@ -260,6 +295,9 @@ def main(argv: list[str] | None = None) -> int:
             return run_from_args(args)
     except (ValueError, OSError, RuntimeError) as err:  # OSError: a missing file, an existing run, a full disk
         print(f"error: {err}", file=sys.stderr)
+        if "gated" in str(err).lower():  # a licensed model (Llama 3.1, Mistral): the hub wants a login and a yes
+            print("hint: accept the model's licence on its hub page, then log in on this machine with "
+                  "`hf auth login` (or set HF_TOKEN)", file=sys.stderr)
         return 2
     return 1
 

@@ -3,19 +3,16 @@
 ``make unit-fast`` (``pytest -m "not slow"``) runs everything else in a few minutes.
 
 A test that asks for the ``smollm2`` fixture (directly or through another
-fixture) is marked automatically.
+fixture) is marked automatically; one that loads SmolLM2's weights another way
+(``model="smollm2"`` in a run) carries ``@pytest.mark.slow`` itself, and an
+unmarked test that tries fails with the mark to add (``_slow_tier_guard``).
+Borrowing SmolLM2's tokenizer (tiny-llama does) is not loading the model.
 """
-
-import tempfile
-from pathlib import Path
 
 import pytest
 import torch
 
 import qlora_lab  # noqa: F401  (quiets bitsandbytes' import-time warning)
-
-# the shared assertions in tests/exercise_feedback.py fail with pytest's detailed messages
-pytest.register_assert_rewrite("exercise_feedback")
 
 
 @pytest.fixture(scope="session")
@@ -33,6 +30,27 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(pytest.mark.slow)
 
 
+@pytest.fixture(autouse=True)
+def _slow_tier_guard(request, monkeypatch):
+    """Keeps the fast tier honest: in a test not marked ``slow``, loading
+    SmolLM2's weights in this process fails and says which mark to add."""
+    if request.node.get_closest_marker("slow"):
+        return
+    import transformers
+
+    from qlora_lab.models.smollm2 import SMOLLM2_CACHE_NAME
+
+    original = transformers.AutoModelForCausalLM.from_pretrained
+
+    def refuse_smollm2(name_or_path, *args, **kwargs):
+        if SMOLLM2_CACHE_NAME in str(name_or_path):
+            raise AssertionError(f"{request.node.nodeid} loads SmolLM2 but is not marked slow: "
+                                 "add @pytest.mark.slow (make unit-fast leaves those out)")
+        return original(name_or_path, *args, **kwargs)
+
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", refuse_smollm2)
+
+
 @pytest.fixture
 def tiny():
     """A fresh tiny Llama (about 300k parameters), the same weights every time."""
@@ -44,7 +62,7 @@ def tiny():
 @pytest.fixture(scope="module")
 def small_data(tmp_path_factory):
     """A small copy of the course data set (train 48, validation 8 records), for
-    training runs in tests/test_train.py and tests/test_backends.py."""
+    training runs in tests/finetune/test_train.py and test_backends.py."""
     import json
 
     from qlora_lab.finetune import data as data_lib
@@ -61,13 +79,3 @@ def small_data(tmp_path_factory):
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
-
-
-def pytest_collection_finish(session):
-    """Start the pinned-set resolutions of tests/test_python_versions.py as soon as the
-    tests are known: they wait on PyPI, not on the CPU, so the other tests run meanwhile."""
-    if any(item.nodeid.startswith("tests/test_python_versions.py::test_every_pin") for item in session.items):
-        from wheel_resolution import RESOLUTIONS, AllResolutions
-
-        root = Path(tempfile.mkdtemp(prefix="qlora-lab-resolve-"))
-        session.config.stash[RESOLUTIONS] = AllResolutions(root)

@@ -50,6 +50,8 @@ from hypothesis import strategies as st
 from qlora_lab.__main__ import build_parser, main, resolve_config
 from qlora_lab.fast import nf4 as fast_nf4
 from qlora_lab.finetune import data
+from qlora_lab.finetune.chat_format import TRAIN_ON
+from qlora_lab.finetune.hub_data import DATA_FORMATS
 from qlora_lab.finetune.recipe import PRESETS, TrainConfig
 from qlora_lab.quant import blockwise, codes, int8, nf4, zeropoint
 from qlora_lab.quant import double_quant as dq
@@ -584,7 +586,7 @@ UNIT_INTERVAL = {"lora_dropout", "warmup_ratio", "adam_beta1", "adam_beta2"}  # 
 POSITIVE_FLOATS = {"learning_rate", "lora_alpha", "max_grad_norm"}
 CHOICES = {"method": ("qlora", "lora16"), "optimizer": ("auto", "adamw", "paged_adamw", "paged_adamw_32bit"),
            "backend": ("auto", "qlora_lab", "bitsandbytes"), "compute_dtype": ("auto", "float32", "bfloat16", "float16"),
-           "quant_type": nf4.QUANT_TYPES}
+           "quant_type": nf4.QUANT_TYPES, "data_format": ("auto", *DATA_FORMATS), "train_on": TRAIN_ON}
 TRUE, FALSE = ("1", "true", "yes", "on"), ("0", "false", "no", "off")
 PRINTABLE = st.characters(blacklist_categories=("Cs", "Cc"))
 VALUES = st.one_of(
@@ -599,6 +601,8 @@ def expected_value(name: str, text: str):
     """What ``--set name=text`` must give, or ValueError if it must be refused:
     the value in the type of the field, within the range that can work."""
     current = getattr(PRESETS["smollm2-cpu"], name)
+    if "None" in str(FIELDS[name].type) and text.lower() == "none":
+        return None  # an optional setting cleared
     if isinstance(current, bool):
         if text.lower() in TRUE + FALSE:
             return text.lower() in TRUE
@@ -615,8 +619,6 @@ def expected_value(name: str, text: str):
                 or name in UNIT_INTERVAL and value >= 1):
             raise ValueError
         return value
-    if current is None and text.lower() == "none":
-        return None
     if not text.strip() or name in CHOICES and text not in CHOICES[name]:
         raise ValueError
     return text

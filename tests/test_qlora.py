@@ -420,7 +420,7 @@ def test_smollm2_quantized_by_us_is_as_close_as_transformers(our_smollm2, bnb_sm
 
 def test_the_training_path_runs_the_fast_functions(monkeypatch):
     """LinearNF4 quantizes and (eagerly) dequantizes with qlora_lab.fast.nf4,
-    which tests/test_fast.py proves equal to the readable definitions."""
+    which tests/fast/test_fast.py proves equal to the readable definitions."""
     from qlora_lab.fast import nf4 as fast_nf4
 
     calls = []

@@ -9,7 +9,7 @@ for the logits of the labelled positions only (transformers' ``logits_to_keep``
 with a boolean mask), then takes the same summed cross-entropy divided by the
 same count. The hidden states, the loss and every gradient are the reference's up
 to the rounding of the output layer's matrix product, which now has fewer rows
-(tests/test_fast.py states the tolerance).
+(tests/fast/test_fast.py states the tolerance).
 """
 
 from __future__ import annotations

@@ -23,7 +23,7 @@ double quantization the weights themselves are identical (the course's
 the same losses on both backends; with it, bitsandbytes' CPU kernel picks
 another 8-bit code for about 0.2 % of the block constants (chapter 03), and
 the losses differ slightly (by 1e-6 to 5e-4 of their value, measured).
-``tests/test_backends.py`` checks both statements on tiny-llama and SmolLM2.
+``tests/finetune/test_backends.py`` checks both statements on tiny-llama and SmolLM2.
 
 For the adapters to start equal, :func:`peft_lora` can draw them as
 :func:`qlora_lab.lora.add_lora` does: peft's rule is the same (A

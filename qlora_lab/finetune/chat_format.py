@@ -6,11 +6,12 @@ training tokens:
 
 1. **Format with the model's chat template and label the assistant's tokens**
    (:func:`tokenize_conversation`). See :func:`assistant_spans` for exactly which
-   tokens are labelled. One choice is the course's own: the loss is taken on
-   the assistant's replies only. The released ``qlora.py`` labels everything
-   but an example's source (``train_on_source=False``) and maps each OASST1
-   conversation to ``{'input': '', 'output': text}``, so Guanaco's loss covers
-   the whole conversation, the human turns included.
+   tokens are labelled. What the loss covers is a choice (``train_on``): the
+   assistant's replies only (``"assistant"``, the course's default), or the
+   whole conversation (``"all"``), which is what Guanaco was trained on: the
+   released ``qlora.py`` labels everything but an example's source
+   (``train_on_source=False``) and maps each OASST1 conversation to
+   ``{'input': '', 'output': text}``, so the human turns are in the loss too.
 2. **Truncate** to a maximum length: keep the first ``max_length`` tokens, cut the
    end; an example left without any labelled token is dropped and counted
    (:func:`tokenize_records`).
@@ -55,12 +56,43 @@ def ensure_chat_template(tokenizer, template: str = GUANACO_CHAT_TEMPLATE) -> bo
     return True
 
 
-def end_of_turn_id(tokenizer) -> int:
-    """The token that closes an assistant turn: the tokenizer's end-of-sequence
-    token (``<|im_end|>`` for SmolLM2's ChatML template, ``</s>`` for LLaMA)."""
-    if tokenizer.eos_token_id is None:
-        raise ValueError("the tokenizer has no eos_token; pass end_of_turn_id explicitly")
-    return int(tokenizer.eos_token_id)
+def end_of_turn_id(tokenizer, token: str | None = None) -> int:
+    """The token that closes an assistant turn, read from the chat template: the
+    end-of-sequence token when the template writes it after a reply
+    (``<|im_end|>`` for SmolLM2's ChatML template, ``</s>`` for LLaMA with
+    :data:`GUANACO_CHAT_TEMPLATE`), else the first special token written there
+    (Qwen2.5's base models: the end-of-sequence token is ``<|endoftext|>``, a
+    turn ends with ``<|im_end|>``). A tokenizer without a chat template: its
+    end-of-sequence token. ``token`` (``TrainConfig.end_of_turn``) names it
+    instead, as one token of the vocabulary."""
+    if token is not None:
+        found = tokenizer.convert_tokens_to_ids(token)
+        if found is None or (found == tokenizer.unk_token_id and token != tokenizer.unk_token):
+            raise ValueError(f"end_of_turn={token!r} is not one token of this tokenizer's vocabulary; name "
+                             f"the token that closes a reply as the tokenizer writes it, e.g. {tokenizer.eos_token!r}")
+        return int(found)
+    eos = tokenizer.eos_token_id
+    probe = [{"role": "user", "content": "What is 2 + 2?"}, {"role": "assistant", "content": "4"}]
+    if getattr(tokenizer, "chat_template", None):
+        before = _render_ids(tokenizer, probe[:1], add_generation_prompt=True)
+        full = _render_ids(tokenizer, probe)
+    if not getattr(tokenizer, "chat_template", None) or full[:len(before)] != before:
+        # no template, or one whose prompt is not a prefix of the conversation (assistant_spans refuses it)
+        if eos is None:
+            raise ValueError("the tokenizer has no eos_token and no usable chat template; name the token that "
+                             "ends a reply with --set end_of_turn=TOKEN")
+        return int(eos)
+    after = full[len(before):]
+    special = set(tokenizer.all_special_ids)
+    special |= {i for i, token in getattr(tokenizer, "added_tokens_decoder", {}).items() if token.special}
+    if eos is not None and eos in after:
+        return int(eos)
+    for token in after:
+        if token in special:
+            return int(token)
+    raise ValueError("the chat template writes neither the end-of-sequence token nor any special token after an "
+                     "assistant reply, so a model could not learn where a reply stops; give the tokenizer a "
+                     "template that closes turns with one, or name the token with --set end_of_turn=TOKEN")
 
 
 def _render_ids(tokenizer, messages: list[dict], add_generation_prompt: bool = False) -> list[int]:
@@ -108,8 +140,13 @@ def assistant_spans(messages: list[dict], tokenizer,
     return full, spans
 
 
+TRAIN_ON = ("assistant", "all")
+"""What the loss covers: the assistant's replies (the course's default) or the
+whole conversation (the released ``qlora.py`` for Guanaco)."""
+
+
 def tokenize_conversation(messages: list[dict], tokenizer, max_length: int | None = None,
-                          eot_id: int | None = None) -> dict[str, list[int]] | None:
+                          eot_id: int | None = None, train_on: str = "assistant") -> dict[str, list[int]] | None:
     """``{"input_ids", "labels"}`` for one conversation (QLoRA Sec. 5, "train on
     target": labels are the input ids on the assistant spans of
     :func:`assistant_spans` and ``-100`` elsewhere).
@@ -118,11 +155,17 @@ def tokenize_conversation(messages: list[dict], tokenizer, max_length: int | Non
     and the rest is cut (the end of a long conversation goes first, so a reply
     may lose its end-of-turn token). If no labelled token survives, None is
     returned: the caller drops the example (:func:`tokenize_records` counts it).
+
+    ``train_on="all"`` labels every token (the first is never predicted: the
+    loss shifts labels by one), as Guanaco was trained; the spans are still
+    found, so a template that never closes a reply is refused either way.
     """
+    if train_on not in TRAIN_ON:
+        raise ValueError(f"train_on must be one of {', '.join(TRAIN_ON)}, got {train_on!r}")
     validate_messages(messages)
     ids, spans = assistant_spans(messages, tokenizer, eot_id)
     labels = [IGNORE_INDEX] * len(ids)
-    for start, end in spans:
+    for start, end in spans if train_on == "assistant" else [(0, len(ids))]:
         labels[start:end] = ids[start:end]
     if max_length is not None:
         if max_length < 1:
@@ -160,13 +203,14 @@ class TokenizeReport:
 
 
 def tokenize_records(records: Iterable[dict], tokenizer, max_length: int | None = None,
-                     eot_id: int | None = None) -> tuple[list[dict], TokenizeReport]:
+                     eot_id: int | None = None, train_on: str = "assistant") -> tuple[list[dict], TokenizeReport]:
     """Tokenize records (:func:`tokenize_conversation`); returns the examples kept
     (each also carries ``index``, its position in ``records``) and a report."""
     examples, report = [], TokenizeReport()
+    eot_id = end_of_turn_id(tokenizer) if eot_id is None else eot_id
     for index, record in enumerate(records):
         report.total += 1
-        full = tokenize_conversation(record["messages"], tokenizer, None, eot_id)
+        full = tokenize_conversation(record["messages"], tokenizer, None, eot_id, train_on)
         if full is not None and max_length is not None and len(full["input_ids"]) > max_length:
             report.truncated += 1
             full = {k: v[:max_length] for k, v in full.items()}

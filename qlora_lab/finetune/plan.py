@@ -34,7 +34,7 @@ __all__ = ["COMMON_GPUS_GB", "HOST_RUNTIME_BYTES", "load_host_bytes", "memory_es
 # --------------------------------------------------------------------------- #
 # What a run needs: GPU memory (chapter 03's estimate) and host memory to load
 # --------------------------------------------------------------------------- #
-COMMON_GPUS_GB = (16, 24, 40, 48, 80)
+COMMON_GPUS_GB = (12, 16, 24, 40, 48, 80)
 HOST_RUNTIME_BYTES = 450 * 10**6
 """Resident set of Python with torch (CPU build), transformers, peft and
 bitsandbytes imported, measured on the course's machine; CUDA's libraries
@@ -95,7 +95,7 @@ def load_host_bytes(config, backend: str, device_type: str = "cuda") -> int:
     ``qlora_lab`` (qlora): :func:`qlora_lab.finetune.streaming.load_memory`, one tensor
     at a time. ``bitsandbytes``: transformers reads the shards through memory
     maps and keeps them mapped while it loads; measured on the CPU
-    (``tests/test_streaming.py``), every page of the 16-bit checkpoint ends up
+    (``tests/finetune/test_streaming.py``), every page of the 16-bit checkpoint ends up
     resident (clean file pages, which the kernel may reclaim, but which count
     in the process's memory), plus the 4-bit model when the device is the CPU.
     ``lora16`` on either backend holds the 16-bit model.

@@ -33,10 +33,21 @@ class TrainConfig:
     config for the dry-run memory estimate when the model's own config cannot
     be read (a hub id on an offline machine). ``backend`` is ``"auto"``,
     ``"qlora_lab"`` or ``"bitsandbytes"`` (:mod:`qlora_lab.finetune.backends`).
+
+    ``data`` is the course's data directory, a hub data set or a local file or
+    directory in a hub schema; ``data_format`` names the schema (``"auto"``
+    reads it from the columns; :mod:`qlora_lab.finetune.hub_data`).
+    ``train_on`` is ``"assistant"`` (the loss on the replies only) or ``"all"``
+    (the whole conversation, as Guanaco was trained). ``end_of_turn`` names the
+    token that closes a reply when the chat template's own cannot be found
+    (:func:`qlora_lab.finetune.chat_format.end_of_turn_id`).
     """
 
     model: str = "smollm2"
     data: str = str(COURSE_DATASET_DIR)
+    data_format: str = "auto"
+    train_on: str = "assistant"
+    end_of_turn: str | None = None
     method: str = "qlora"
     quant_type: str = "nf4"
     double_quant: bool = True
@@ -107,10 +118,18 @@ class TrainConfig:
             raise ValueError(f"blocksize must be one of {', '.join(map(str, BLOCKSIZES))}, got {self.blocksize!r}")
         if isinstance(self.seed, bool) or not isinstance(self.seed, int) or not 0 <= self.seed < 2**63:
             raise ValueError(f"seed must be an integer from 0 to 2**63 - 1, got {self.seed!r}")
-        for name in ("model", "data", "target_modules", "memory_config"):
+        for name in ("model", "data", "target_modules", "memory_config", "end_of_turn"):
             value = getattr(self, name)
-            if not (value is None and name == "memory_config") and (not isinstance(value, str) or not value.strip()):
-                raise ValueError(f"{name} must be a non-empty string, got {value!r}")
+            optional = name in ("memory_config", "end_of_turn")
+            if not (value is None and optional) and (not isinstance(value, str) or not value.strip()):
+                raise ValueError(f"{name} must be a non-empty string{' or none' if optional else ''}, got {value!r}")
+        from qlora_lab.finetune.chat_format import TRAIN_ON
+        from qlora_lab.finetune.hub_data import DATA_FORMATS
+
+        if self.data_format not in ("auto", *DATA_FORMATS):
+            raise ValueError(f"data_format must be auto or one of {', '.join(DATA_FORMATS)}, got {self.data_format!r}")
+        if self.train_on not in TRAIN_ON:
+            raise ValueError(f"train_on must be one of {', '.join(TRAIN_ON)}, got {self.train_on!r}")
 
     @property
     def warmup_steps(self) -> int:

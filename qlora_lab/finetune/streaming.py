@@ -27,7 +27,7 @@ does the same for the course's own layers:
 Host memory therefore peaks at the runtime, the 4-bit model if it is loaded
 onto the CPU (nothing of it if the device is a GPU), and one tensor with its
 quantization temporaries: :func:`load_memory` is that account, measured
-against the real peak by ``tests/test_streaming.py`` and ``bench/streaming_load.py``.
+against the real peak by ``tests/finetune/test_streaming.py`` and ``bench/streaming_load.py``.
 
 The result is the model that ``load_model`` + :func:`qlora_lab.qlora.quantize_model`
 give, buffer for buffer: the same weights quantized by the same function in

@@ -23,13 +23,11 @@ because everything random is either restored (the random number generators,
 saved in the checkpoint) or a pure function of the step (the order of the
 batches, computed from the seed and the epoch: :class:`BatchSchedule`).
 
-The settings come from :mod:`qlora_lab.finetune.recipe` (``train.preset(...)``). The
-same code runs SmolLM2 on a laptop CPU and LLaMA-7B on one GPU: the presets
-differ in numbers, not in code paths, except where the device decides (compute
-dtype, optimizer, and the backend that builds the model: the course's layers
-on a CPU, transformers + bitsandbytes + peft on CUDA; :mod:`qlora_lab.finetune.backends`).
-The parts of a step (device, optimizer, schedule, batch order) are in
-:mod:`qlora_lab.finetune.step`.
+The settings come from :mod:`qlora_lab.finetune.recipe` (``train.preset(...)``), the
+data from :mod:`qlora_lab.finetune.hub_data`, the parts of a step from
+:mod:`qlora_lab.finetune.step`. The same code runs SmolLM2 on a laptop CPU and
+a 7B model on one GPU: only the device decides a code path (compute dtype,
+optimizer, and the backend: :mod:`qlora_lab.finetune.backends`).
 
 The loop is written once. What differs when it runs in N processes under
 FSDP (chapter 09) is asked of a ``processes`` object: :class:`OneProcess` here,
@@ -51,12 +49,13 @@ from pathlib import Path
 from typing import Any, Callable
 
 import torch
+from tqdm.auto import tqdm
 
 from qlora_lab.fast.loss import causal_lm_loss
-from qlora_lab.finetune import adapter_files, backends, batching, chat_format, data, evaluate
+from qlora_lab.finetune import adapter_files, backends, batching, chat_format, evaluate, hub_data
 from qlora_lab.finetune.recipe import PRESETS, TrainConfig, preset  # the run's settings; train.preset(...) is the usual call
 from qlora_lab.finetune.step import (BatchSchedule, build_model, build_optimizer, compute_dtype_for,
-                                     constant_schedule_with_warmup, resolve_device)
+                                     constant_schedule_with_warmup, epochs_of, resolve_device)
 from qlora_lab.support.resume import (ADAPTER_DIR, checkpoints, newest_intact_checkpoint, restore_rng_state, rng_state,
                                       save_checkpoint)
 
@@ -113,8 +112,7 @@ class OneProcess:
     def metrics(self, model, optimizer, device: torch.device) -> dict:
         if device.type != "cuda":
             return {}
-        # PyTorch's allocations only: bitsandbytes' paged optimizer states live
-        # in CUDA unified memory, outside them (see python -m qlora_lab gpu-smoke).
+        # PyTorch's allocations only: bitsandbytes' paged states are in unified memory (see gpu-smoke)
         free, total = torch.cuda.mem_get_info(device)
         return {"peak_gpu_allocated_bytes": torch.cuda.max_memory_allocated(device),
                 "gpu_used_bytes_at_end": total - free}
@@ -134,6 +132,8 @@ class TrainResult:
     adapter_dir: Path | None = None
     resumed_from: int = 0
     seconds: float = 0.0
+    data: str = ""
+    epochs: float = 0.0
     model: Any = field(default=None, repr=False)
     tokenizer: Any = field(default=None, repr=False)
 
@@ -148,9 +148,9 @@ def train(config: TrainConfig, out_dir: str | os.PathLike, *, resume: bool = Fal
     """Finetune with ``config``; write checkpoints and the final adapter under
     ``out_dir``. See the module docstring for the step.
 
-    ``model``/``tokenizer``: an already loaded base model (not yet quantized or
-    adapted) instead of ``config.model``. ``splits``: ``{"train": records,
-    "validation": records}`` instead of loading ``config.data``.
+    ``model``/``tokenizer``: a loaded base model (not yet quantized or adapted)
+    instead of ``config.model``; ``splits``: ``{"train": records, "validation": records}``
+    instead of ``config.data``.
     ``progress``: ``"bar"`` (tqdm, with loss and tokens/s), ``"log"`` (one line
     per evaluation) or ``"none"``. ``resume``: continue from the newest
     checkpoint in ``out_dir`` (an error if there is none). ``on_evaluation`` and
@@ -179,26 +179,30 @@ def train(config: TrainConfig, out_dir: str | os.PathLike, *, resume: bool = Fal
     say = processes.writes and progress != "none"
 
     # Data first: a malformed line must stop the run before the model is loaded.
-    if splits is None:
-        splits = data.load_dataset(config.data, splits=("train", "validation"))
+    splits, data_read = (hub_data.load_splits(config.data, config.data_format) if splits is None
+                         else (splits, hub_data.describe("given in memory", splits)))
     torch.manual_seed(config.seed)
     random.seed(config.seed)
     model, tokenizer = build_model(config, device, model, tokenizer, backend=backend)
     note = processes.prepare(model, config)
-    train_examples, report = chat_format.tokenize_records(splits["train"], tokenizer, config.max_length)
+    eot_id = chat_format.end_of_turn_id(tokenizer, config.end_of_turn)
+    train_examples, report = chat_format.tokenize_records(splits["train"], tokenizer, config.max_length, eot_id,
+                                                          config.train_on)
     if not train_examples:
         raise ValueError(f"no training example survives tokenization ({report})")
+    epochs = epochs_of(config, len(train_examples))  # warns above MANY_EPOCHS
     eval_records = splits.get("validation", [])[: config.eval_examples]
-    eval_examples, _ = chat_format.tokenize_records(eval_records, tokenizer, config.max_length)
+    eval_examples, _ = chat_format.tokenize_records(eval_records, tokenizer, config.max_length, eot_id,
+                                                    config.train_on)
     score_records = evaluate.scored_records(splits.get("validation", []))[: config.score_examples]
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else chat_format.end_of_turn_id(tokenizer)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eot_id
 
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = build_optimizer(config, trainable, device)
     scheduler = constant_schedule_with_warmup(optimizer, config.warmup_steps)
     schedule = BatchSchedule([len(e["input_ids"]) for e in train_examples], config.batch_size, config.seed,
                              config.group_by_length)
-    result = TrainResult(config=config, backend=processes.label(backend))
+    result = TrainResult(config=config, backend=processes.label(backend), data=data_read, epochs=epochs)
     state = {"step": 0, "history": [], "evaluations": [], "config": dataclasses.asdict(config)}
 
     if found is not None:
@@ -229,8 +233,6 @@ def train(config: TrainConfig, out_dir: str | os.PathLike, *, resume: bool = Fal
         print(note, flush=True)
     bar = None
     if progress == "bar" and processes.writes:
-        from tqdm.auto import tqdm
-
         bar = tqdm(total=config.max_steps, initial=state["step"], desc="finetune", unit="step",
                    dynamic_ncols=True, file=sys.stderr)
     if state["step"] == 0:

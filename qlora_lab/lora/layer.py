@@ -107,7 +107,7 @@ class LoRALinear(nn.Module):
         update = F.linear(F.linear(self.lora_dropout(x), self.lora_A), self.lora_B)
         # result + update * self.scaling, as peft writes it; the fast version
         # makes one pass over the output instead of two, with the same bits
-        # (qlora_lab.fast.lora; tests/test_fast.py).
+        # (qlora_lab.fast.lora; tests/fast/test_fast.py).
         result = add_scaled_update(result, update, self.scaling)
         return result.to(result_dtype)
 

@@ -6,7 +6,7 @@ Plumbing, not course material: :func:`measure_training_step` starts a worker
 states and reads the kernel's high-water mark of its resident set over one
 step. :data:`MEASUREMENT_SETTINGS` are the :func:`qlora_lab.memory.estimate`
 settings that describe what the default builders do, so that estimate and
-measurement can be put side by side (notebook 03, ``tests/test_memory.py``).
+measurement can be put side by side (notebook 03, ``tests/memory/test_memory.py``).
 """
 
 from __future__ import annotations

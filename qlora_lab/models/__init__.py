@@ -37,7 +37,8 @@ from qlora_lab.models.smollm2 import (
     smollm2_cache_path,
     smollm2_gguf_path,
 )
-from qlora_lab.models.tiny import tiny_chat_tokenizer, tiny_llama, write_tiny_adapter, write_tiny_chat_model
+from qlora_lab.models.tiny import (TINY_ARCHITECTURES, tiny_causal_lm, tiny_chat_tokenizer, tiny_llama,
+                                   write_tiny_adapter, write_tiny_chat_model)
 from qlora_lab.support.model_config import read_model_config
 
 __all__ = [
@@ -48,6 +49,7 @@ __all__ = [
     "SMOLLM2_INSTALL_COMMAND",
     "SMOLLM2_NAMES",
     "SMOLLM2_REQUIREMENT",
+    "TINY_ARCHITECTURES",
     "ModelNotAvailableError",
     "cache_dir",
     "cache_problem",
@@ -59,6 +61,7 @@ __all__ = [
     "read_model_config",
     "smollm2_cache_path",
     "smollm2_gguf_path",
+    "tiny_causal_lm",
     "tiny_chat_tokenizer",
     "tiny_llama",
     "write_tiny_adapter",

@@ -1,6 +1,7 @@
 """Tiny models for fast tests and demonstrations: a random Llama with SmolLM2's
-structure (:func:`tiny_llama`), and a tiny chat model on disk with its own
-tokenizer (:func:`write_tiny_chat_model`).
+structure (:func:`tiny_llama`), the same at tiny size for each architecture
+the course finetunes (:func:`tiny_causal_lm`: Llama, Mistral, Qwen2, Gemma 2),
+and a tiny chat model on disk with its own tokenizer (:func:`write_tiny_chat_model`).
 
 The chat model on disk is for fast tests of chatting and exporting: a
 random Llama (:func:`tiny_llama`) with a small byte-level BPE
@@ -55,6 +56,35 @@ def tiny_llama(
     return model.to(dtype).eval()
 
 
+TINY_ARCHITECTURES = ("llama", "mistral", "qwen2", "gemma2")
+"""The architectures of today's open 7B-9B models, each at tiny size: LLaMA 1/2/3
+(``llama``), Mistral-7B (``mistral``: grouped-query attention, no biases),
+Qwen2/2.5 (``qwen2``: biases on the query, key and value projections) and
+Gemma 2 (``gemma2``: a head size of its own, soft-capped logits, tied embeddings)."""
+
+
+def tiny_causal_lm(architecture: str = "llama", seed: int = 0, vocab_size: int = 512, dtype=torch.float32):
+    """A random model of ``architecture`` (one of :data:`TINY_ARCHITECTURES`)
+    built from its transformers config, 128 wide with 2 layers, 4 query and 2
+    key/value heads of 32: every linear layer a whole number of 64-blocks wide,
+    as in the real models. The same ``seed`` gives the same weights."""
+    from transformers import AutoModelForCausalLM, Gemma2Config, LlamaConfig, MistralConfig, Qwen2Config
+
+    shape = dict(vocab_size=vocab_size, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
+                 num_attention_heads=4, num_key_value_heads=2, head_dim=32, max_position_embeddings=512,
+                 pad_token_id=0, bos_token_id=1, eos_token_id=2)
+    configs = {"llama": lambda: LlamaConfig(**shape, tie_word_embeddings=False),
+               "mistral": lambda: MistralConfig(**shape, sliding_window=None, tie_word_embeddings=False),
+               "qwen2": lambda: Qwen2Config(**shape, tie_word_embeddings=False),
+               "gemma2": lambda: Gemma2Config(**shape, query_pre_attn_scalar=32, sliding_window=64)}
+    if architecture not in configs:
+        raise ValueError(f"architecture must be one of {', '.join(TINY_ARCHITECTURES)}, got {architecture!r}")
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = AutoModelForCausalLM.from_config(configs[architecture]())
+    return model.to(dtype).eval()
+
+
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 CHATML_TEMPLATE = (
     "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"
@@ -88,12 +118,14 @@ def tiny_chat_tokenizer(vocab_size: int = 384):
     return tokenizer
 
 
-def write_tiny_chat_model(directory: str | os.PathLike, seed: int = 0) -> Path:
-    """Save a tiny Llama (128 wide, 2 layers) and :func:`tiny_chat_tokenizer`
-    as a transformers model directory; returns it."""
+def write_tiny_chat_model(directory: str | os.PathLike, seed: int = 0, architecture: str | None = None) -> Path:
+    """Save a tiny Llama (128 wide, 2 layers; :func:`tiny_llama`), or a tiny
+    model of ``architecture`` (:func:`tiny_causal_lm`), with
+    :func:`tiny_chat_tokenizer` as a transformers model directory; returns it."""
 
     tokenizer = tiny_chat_tokenizer()
-    model = tiny_llama(seed=seed, vocab_size=len(tokenizer), hidden_size=128)
+    model = (tiny_llama(seed=seed, vocab_size=len(tokenizer), hidden_size=128) if architecture is None
+             else tiny_causal_lm(architecture, seed=seed, vocab_size=len(tokenizer)))
     model.config.pad_token_id = tokenizer.pad_token_id
     model.config.bos_token_id = tokenizer.bos_token_id
     model.config.eos_token_id = tokenizer.eos_token_id

@@ -24,7 +24,7 @@ grid point. The dynamic map's values near zero are 1e-7 to 1e-5 apart, so near
 zero several values share one grid cell and the kernel can land up to four
 indices away; elsewhere it only errs for values within half a grid step of a
 midpoint. We take the exact nearest value (ties to the lower one), so our error
-is never larger. ``tests/test_double_quant.py`` reproduces bitsandbytes'
+is never larger. ``tests/quant/test_double_quant.py`` reproduces bitsandbytes'
 indices exactly with a model of that grid look-up.
 """
 

@@ -8,7 +8,7 @@ the quantized model (QLoRA's layer, chapter 05, dequantizes the same values on
 the fly instead).
 
 SmolLM2 has 106 million such weights and the chapter quantizes them six times,
-so this runs the fast path, whose results ``tests/test_fast.py`` proves equal
+so this runs the fast path, whose results ``tests/fast/test_fast.py`` proves equal
 to the definitions: :mod:`qlora_lab.fast.nf4` for the 4-bit types, and for any
 other code the definition of :mod:`qlora_lab.quant.blockwise` with the nearest code
 found by :class:`qlora_lab.fast.nearest.NearestCodeTable`.

@@ -27,11 +27,26 @@ SHIPPED_CONFIGS = {
     "llama-30b": "llama-33b.json",  # Meta's name for the same 32.5B model
     "llama-65b": "llama-65b.json",
     "llama-2-70b": "llama-2-70b.json",  # grouped-query attention (8 key/value heads); chapter 09
+    # today's open 7B-8B models (their config.json on the hub, copied): the 7B path's choices
+    "llama-3.1-8b": "llama-3.1-8b.json",  # 128,256-token vocabulary, 8 key/value heads; gated
+    "mistral-7b-v0.3": "mistral-7b-v0.3.json",  # 8 key/value heads, FFN 14,336
+    "qwen2.5-7b": "qwen2.5-7b.json",  # 152,064-token vocabulary, 4 key/value heads, q/k/v biases
 }
-"""LLaMA configurations shipped with the course (Touvron et al., 2023, Table 2:
-hidden 4096/5120/6656/8192, 32/40/60/80 layers, 32/40/52/64 heads; FFN width
+"""Model configurations shipped with the course, so that the memory model and
+the dry run work offline. LLaMA (Touvron et al., 2023, Table 2: hidden
+4096/5120/6656/8192, 32/40/60/80 layers, 32/40/52/64 heads; FFN width
 11008/13824/17920/22016; vocabulary 32000; RMSNorm eps 1e-6; context 2048;
-untied input and output embeddings)."""
+untied input and output embeddings), LLaMA-2-70B, and the ``config.json`` of
+Llama-3.1-8B, Mistral-7B-v0.3 and Qwen2.5-7B as their hub repositories have them."""
+
+HUB_IDS = {
+    "huggyllama/llama-7b": "llama-7b",
+    "meta-llama/llama-3.1-8b": "llama-3.1-8b", "meta-llama/llama-3.1-8b-instruct": "llama-3.1-8b",
+    "mistralai/mistral-7b-v0.3": "mistral-7b-v0.3", "mistralai/mistral-7b-instruct-v0.3": "mistral-7b-v0.3",
+    "qwen/qwen2.5-7b": "qwen2.5-7b", "qwen/qwen2.5-7b-instruct": "qwen2.5-7b",
+}
+"""Hub ids (lower case) whose architecture a shipped config describes (an
+instruct model has its base's shapes), read offline by :func:`read_model_config`."""
 
 SHAPE_FIELDS = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "vocab_size")
 """The config fields :func:`model_shape` needs."""
@@ -57,6 +72,7 @@ def read_model_config(config: Any):
             raise ValueError(f"transformers does not know model_type {model_type!r}: {err}") from None
     if isinstance(config, (str, os.PathLike)):
         name = str(config)
+        name = HUB_IDS.get(name.lower(), name)
         if name.lower() in SHIPPED_CONFIGS:
             return AutoConfig.from_pretrained(CONFIG_DIR / SHIPPED_CONFIGS[name.lower()])
         path = Path(name).expanduser()
@@ -89,8 +105,8 @@ def config_value(config: Any, key: str, default: Any = None) -> Any:
 def model_name(config: Any, original: Any = None) -> str:
     """A short name for tables: the shipped name if ``original`` was one,
     else the directory name of the config, else its ``model_type``."""
-    if isinstance(original, str) and original.lower() in SHIPPED_CONFIGS:
-        return original.lower()
+    if isinstance(original, str) and HUB_IDS.get(original.lower(), original.lower()) in SHIPPED_CONFIGS:
+        return HUB_IDS.get(original.lower(), original.lower())
     name = getattr(config, "_name_or_path", "") or getattr(config, "name_or_path", "")
     return Path(name).name if name else config.model_type
 

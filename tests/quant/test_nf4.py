@@ -507,7 +507,7 @@ def test_benchmark_script_runs_small():
     import sys
     from pathlib import Path
 
-    script = Path(__file__).resolve().parent.parent / "bench" / "quantize.py"
+    script = Path(__file__).resolve().parents[2] / "bench" / "quantize.py"
     done = subprocess.run([sys.executable, str(script), "--size", "64", "--runs", "1", "--no-compile"],
                           capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr

@@ -7,7 +7,7 @@
 - nothing outside a module reaches for its private names (``_name``): the package's
   modules, ``bench/``, ``tests/`` and the notebooks use public names only;
 - every speed module is introduced in ``qlora_lab.fast``'s docstring and proven
-  equal to its reference in ``tests/test_fast.py``.
+  equal to its reference in ``tests/fast/test_fast.py``.
 """
 
 import ast
@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 PACKAGE = ROOT / "qlora_lab"
 SET_APART = ("fast", "support", "exercises")
 MAX_CHAPTER_MODULE_LINES = 300
@@ -186,7 +186,7 @@ def test_the_private_name_check_finds_what_it_should(source, expected):
 
 def test_every_speed_module_is_introduced_and_proven_equal():
     doc = ast.get_docstring(ast.parse((PACKAGE / "fast" / "__init__.py").read_text())) or ""
-    test_file = ROOT / "tests" / "test_fast.py"
+    test_file = ROOT / "tests" / "fast" / "test_fast.py"
     proven = imported_modules(test_file, package_modules())
     choices = (ROOT / "bench" / "speed_choices.md").read_text()
     assert doc.startswith("Speed, not course material"), doc[:80]
@@ -195,7 +195,7 @@ def test_every_speed_module_is_introduced_and_proven_equal():
             continue
         name = module_name(path)
         assert f":mod:`{name}`" in doc, f"{name} is not introduced in qlora_lab.fast's docstring"
-        assert name in proven, f"{name} has no equality test in tests/test_fast.py"
+        assert name in proven, f"{name} has no equality test in tests/fast/test_fast.py"
         assert f"`{name.removeprefix('qlora_lab.')}" in choices, (
             f"{name}: what it gained is not in bench/speed_choices.md")
 
@@ -312,3 +312,25 @@ def test_no_package_file_is_ignored_by_git():
     done = subprocess.run(["git", "check-ignore", "--no-index", *files], cwd=ROOT, capture_output=True, text=True)
     assert done.returncode in (0, 1), done.stderr
     assert not done.stdout.split(), f"git ignores these package files: {done.stdout.split()}; fix .gitignore"
+
+
+# test folders that test the repository or the exercises rather than one stage
+TESTS = ROOT / "tests"
+TESTS_OF_THE_WHOLE = {"repo", "exercises", "browser"}
+
+
+def test_the_tests_mirror_the_package():
+    """A stage's tests sit in the folder of the same name (``qlora_lab/quant`` ->
+    ``tests/quant``), so a reader finds a module's tests from its path; every
+    stage has its folder, and a test file at the top of tests/ tests a top-level
+    module (``qlora.py`` -> ``tests/test_qlora.py``) or, as test_fuzz does, the
+    command line's and the loaders' handling of generated bad input."""
+    stages = {p.parent.name for p in PACKAGE.glob("*/__init__.py")}
+    folders = {p.name for p in TESTS.iterdir() if p.is_dir() and p.name != "__pycache__"}
+    assert folders - stages - TESTS_OF_THE_WHOLE == set(), "test folders named after no stage of qlora_lab"
+    assert stages - {"exercises"} - folders == set(), "stages of qlora_lab without a folder in tests/"
+    top_level_modules = {p.stem for p in PACKAGE.glob("*.py") if not p.name.startswith("_")}
+    for path in sorted(TESTS.glob("test_*.py")):
+        tested = path.stem.removeprefix("test_")
+        assert tested in top_level_modules | {"fuzz"}, (
+            f"tests/{path.name} tests no top-level module of qlora_lab: move it into the folder of its stage")

@@ -1,5 +1,5 @@
 """A bug in the learner's own code is feedback, not a crash (shared by the
-tests/test_exercises_chNN.py files).
+tests/exercises/test_exercises_chNN.py files).
 
 Every chapter's exercise checker must survive two kinds of broken answer and say
 what went wrong instead of raising:

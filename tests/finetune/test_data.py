@@ -1,7 +1,7 @@
 """qlora_lab.finetune.data, chat_format and batching: validation errors with line numbers,
 response-only labels on the real SmolLM2 tokenizer, truncation, group-by-length (equal to
 transformers'), padding, and the data set's deterministic generation (the scorer:
-tests/test_evaluate.py)."""
+tests/finetune/test_evaluate.py)."""
 
 from __future__ import annotations
 
@@ -178,12 +178,14 @@ def test_template_without_end_of_turn_token_is_refused(tok):
     plain.chat_template = "{% for m in messages %}{{ m['role'] + ': ' + m['content'] + '\\n' }}{% endfor %}" \
                           "{% if add_generation_prompt %}{{ 'assistant:' }}{% endif %}"
     conversation = [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]
-    with pytest.raises(ValueError, match="not closed by the end-of-turn token"):
+    with pytest.raises(ValueError, match="writes neither the end-of-sequence token nor any special token after"):
         chat_format.tokenize_conversation(conversation, plain)
+    with pytest.raises(ValueError, match="not closed by the end-of-turn token"):  # the token named, not written
+        chat_format.tokenize_conversation(conversation, plain, eot_id=plain.eos_token_id)
     # a generation prompt ending in a space tokenizes differently from the reply
     plain.chat_template = plain.chat_template.replace("'assistant:'", "'assistant: '")
     with pytest.raises(ValueError, match="not prefix-consistent"):
-        chat_format.tokenize_conversation(conversation, plain)
+        chat_format.tokenize_conversation(conversation, plain, eot_id=plain.eos_token_id)
 
 
 # --------------------------------------------------------------------------- #

@@ -26,7 +26,7 @@ from pathlib import Path
 from qlora_lab.finetune import data, evaluate
 from qlora_lab.support import resources
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 
 CHECK = """
 import json, sys

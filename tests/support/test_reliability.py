@@ -28,7 +28,7 @@ from safetensors.torch import load_file
 from qlora_lab.finetune.train import preset, train
 from qlora_lab.support import resume as resume_lib
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 KILL_SEED = 27
 MAX_STEPS, SAVE_EVERY = 6, 2  # checkpoints 2 and 4 (none at the last step: the final adapter is written instead)
 RUN_SETTINGS = dict(model="tiny-llama", max_steps=MAX_STEPS, batch_size=4, gradient_accumulation_steps=2,

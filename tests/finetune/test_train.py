@@ -15,7 +15,7 @@ from qlora_lab.finetune import data as data_lib
 from qlora_lab.finetune.train import TrainConfig, preset, train
 from qlora_lab.support.resume import latest_checkpoint
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def tiny_config(data_dir, **overrides) -> TrainConfig:

@@ -31,7 +31,7 @@ import torch
 
 from qlora_lab.__main__ import build_parser, main, resolve_config
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 DOC_FILES = ["README.md", "CONTRIBUTING.md", "notebooks/TEACHING.md", "bench/README.md"]
 CLI_HELP = "the CLI's --help"
 FENCE = re.compile(r"^[ \t]*```([\w-]*)[ \t]*\n(.*?)^[ \t]*```[ \t]*$", re.S | re.M)
@@ -45,14 +45,14 @@ HELP_COMMAND = re.compile(r"(python -m qlora_lab|torchrun|make)(\s|$)")
 # The speed settings added to a documented training command (unless it sets them itself).
 SPEED = {"max_length": 48, "eval_examples": 2, "eval_batch_size": 2}
 MAKE_FOR_REAL = {"python"}  # make targets cheap enough to run for real
-BENCH_REASON = "a benchmark of minutes on SmolLM2 or LLaMA-7B; tests/test_bench.py runs the script on a tiny model"
+BENCH_REASON = "a benchmark of minutes on SmolLM2 or LLaMA-7B; tests/repo/test_bench.py runs the script on a tiny model"
 SKIPS = {
     "git clone <this repository> qlora-lab && cd qlora-lab": "needs the network, and the URL is a placeholder",
     "torchrun --standalone --nproc_per_node N -m qlora_lab finetune --fsdp --preset llama-7b-gpu --model "
     "huggyllama/llama-7b --backend qlora_lab --out runs/guanaco-7b-fsdp": "N CUDA GPUs and LLaMA-7B from the hub",
     ".venv/bin/jupyter nbconvert --to notebook --execute --inplace notebooks/NN_name.ipynb":
         "a template (NN_name) that rewrites a committed notebook in place",
-    "python -m pytest tests/test_nf4.py": "that file is part of make test already",
+    "python -m pytest tests/quant/test_nf4.py": "that file is part of make test already",
     "python bench/train_step.py --steps 3 --threads 1": BENCH_REASON,
     "python bench/train_step.py --variants qlora_lab bitsandbytes --profile torch": BENCH_REASON,
     "python bench/train_step.py --variants qlora_lab bitsandbytes --interleave": BENCH_REASON,

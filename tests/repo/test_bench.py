@@ -20,7 +20,7 @@ from qlora_lab.models import tiny_llama
 from qlora_lab.qlora import LinearNF4
 from qlora_lab.quant.nf4 import quantize_4bit
 
-BENCH = Path(__file__).resolve().parents[1] / "bench"
+BENCH = Path(__file__).resolve().parents[2] / "bench"
 
 # Every linear layer's width a multiple of the block size 64, as in real
 # models (bitsandbytes 0.50.2's CPU dequantize kernel is wrong for rows

@@ -14,7 +14,7 @@ import torch
 
 from qlora_lab.support import counting, measure
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def test_a_worker_reports_through_the_one_protocol():
@@ -86,8 +86,9 @@ def _private_imports(path: Path) -> list[str]:
 # bench/ and the tests of chapters 03 and 06 and of bench/ (the other test
 # files belong to other parts of the package and are checked with them).
 CHECKED = [*sorted((ROOT / "bench").glob("*.py")),
-           *(ROOT / "tests" / name for name in ("test_memory.py", "test_paged.py", "test_bench.py",
-                                                "test_streaming.py", "test_measure.py", "test_exercises_ch06.py"))]
+           *(ROOT / "tests" / name for name in ("memory/test_memory.py", "paging/test_paged.py", "repo/test_bench.py",
+                                                "finetune/test_streaming.py", "support/test_measure.py",
+                                                "exercises/test_exercises_ch06.py"))]
 
 
 @pytest.mark.parametrize("path", CHECKED, ids=lambda p: str(p.relative_to(ROOT)))

@@ -26,7 +26,7 @@ from qlora_lab.finetune.train import preset, train
 from qlora_lab.models import load_model, tiny_llama
 from qlora_lab.qlora import quantize_model
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 TINY_HIDDEN = inspect.signature(tiny_llama).parameters["hidden_size"].default
 SHORT = {"gradient_accumulation_steps": 2, "batch_size": 4, "max_length": 48, "eval_examples": 4,
          "eval_batch_size": 4, "eval_every": 2, "save_every": 2, "lora_dropout": 0.0, "r": 8,

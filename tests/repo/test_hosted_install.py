@@ -17,7 +17,7 @@ import sys
 import sysconfig
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 NOTEBOOKS_WITH_THE_CELL = ["07_finetune_7b.ipynb"]
 MARKER = "COURSE_REPO = "
 

@@ -17,7 +17,7 @@ import torch
 
 from qlora_lab.support.resume import load_training_state
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def python_sources() -> dict[str, str]:

@@ -1,5 +1,5 @@
 """Resolving the course's pinned set for another Python and platform without
-installing it (used by tests/test_python_versions.py, started early by tests/conftest.py).
+installing it (used by tests/repo/test_python_versions.py, started early by tests/repo/conftest.py).
 
 ``uv pip compile`` reads only the metadata PyPI serves beside each wheel, never a wheel
 itself. pip's own ``--dry-run --platform`` cannot stand in for it here: pip evaluates
@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 from packaging.specifiers import SpecifierSet
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 PROJECT = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
 
 
@@ -64,7 +64,7 @@ def finish(process: subprocess.Popen) -> tuple[int, str]:
 
 class AllResolutions:
     """Every (python, platform) resolution of the pinned set, all started at once: each
-    mostly waits for PyPI, so ``tests/conftest.py`` starts them as soon as the tests
+    mostly waits for PyPI, so ``tests/repo/conftest.py`` starts them as soon as the tests
     are collected and the other tests run meanwhile."""
 
     def __init__(self, root: Path):

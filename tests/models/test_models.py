@@ -120,6 +120,7 @@ def test_smollm2_answers_through_its_chat_template(smollm2):
     assert "Paris" in reply
 
 
+@pytest.mark.slow
 def test_load_model_shortcut_gives_smollm2():
     model = models.load_model("smollm2", with_tokenizer=False)
     assert model.config.hidden_size == 576
