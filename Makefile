@@ -73,10 +73,12 @@ lab: $(STAMP)
 # order given: the finale first, as it is the longest, then the other notebooks,
 # then the unit tests, which fill the gaps. TEST_WORKERS=0 runs everything in
 # this one process, the way a single file is debugged.
+# CUDA_VISIBLE_DEVICES= hides any GPU: the notebooks' outputs and the bit-for-bit
+# checks are the CPU's, on every machine (a GPU is for make gpu-smoke).
 TEST_WORKERS ?= 2
 FIRST_NOTEBOOK := notebooks/07_finetune_7b.ipynb
 test: $(STAMP)
-	$(if $(filter 0,$(TEST_WORKERS)),,OMP_NUM_THREADS=1) $(BIN)/python -m pytest $(FIRST_NOTEBOOK) notebooks tests --nbval --nbval-current-env \
+	CUDA_VISIBLE_DEVICES= $(if $(filter 0,$(TEST_WORKERS)),,OMP_NUM_THREADS=1) $(BIN)/python -m pytest $(FIRST_NOTEBOOK) notebooks tests --nbval --nbval-current-env \
 		--nbval-sanitize-with nbval_sanitize.cfg --nbval-cell-timeout 600 \
 		$(if $(filter 0,$(TEST_WORKERS)),,-n $(TEST_WORKERS) --dist loadfile) \
 		--durations 20 $(PYTEST_ARGS)
@@ -111,15 +113,15 @@ test-portability: $(STAMP)
 	echo "make test-portability: every notebook passed strict nbval under$$seen, with $(PORTABILITY_THREADS) thread(s)."
 
 unit: $(STAMP)
-	$(BIN)/python -m pytest tests $(PYTEST_ARGS)
+	CUDA_VISIBLE_DEVICES= $(BIN)/python -m pytest tests $(PYTEST_ARGS)
 
 # The unit tests that do not load SmolLM2 (tests/conftest.py marks those slow and
 # fails an unmarked test that reaches the model), on both cores.
 unit-fast: $(STAMP)
-	OMP_NUM_THREADS=1 $(BIN)/python -m pytest tests -m "not slow" -n 2 $(PYTEST_ARGS)
+	CUDA_VISIBLE_DEVICES= OMP_NUM_THREADS=1 $(BIN)/python -m pytest tests -m "not slow" -n 2 $(PYTEST_ARGS)
 
 notebooks: $(STAMP)
-	$(BIN)/python -m pytest $(NB) --nbval --nbval-current-env \
+	CUDA_VISIBLE_DEVICES= $(BIN)/python -m pytest $(NB) --nbval --nbval-current-env \
 		--nbval-sanitize-with nbval_sanitize.cfg --nbval-cell-timeout 600 $(PYTEST_ARGS)
 
 # Each notebook's wall time under nbval, one at a time, with the machine it ran on

@@ -7,7 +7,8 @@ quantization, QLoRA Sec. 3) with the adapter beside every linear layer, and
 generate with the model's own chat template:
 
 * :func:`load_with_adapter` loads the base the adapter names (or another one),
-  quantizes it like the training run did, and loads the adapter into it; an
+  quantizes it like the training run did (the course's layers on a CPU,
+  bitsandbytes while loading on a GPU), and loads the adapter into it; an
   adapter that was trained for another base is refused before anything is
   changed (its shapes do not fit);
 * :func:`reply` answers a conversation greedily and streams the tokens as they
@@ -78,20 +79,37 @@ def check_tokenizer_files(directory: str | os.PathLike) -> None:
 
 
 def load_with_adapter(adapter_dir: str | os.PathLike, model: str | None = None, *, quantize: bool = True,
-                      base=None, tokenizer=None):
+                      base=None, tokenizer=None, quantizer: str = "auto"):
     """``(model, tokenizer)``: the base the adapter names (or ``model``, a name
     or path; or an already loaded ``base`` with its ``tokenizer``), quantized
     to NF4 + double quantization as QLoRA trained it (``quantize=False`` keeps
     the float weights), with the adapter loaded beside its layers. The model
-    is in eval mode."""
+    is in eval mode.
+
+    Who quantizes (``quantizer``): ``"qlora_lab"``, the course's layers, after
+    loading the float model (a CPU's default); ``"bitsandbytes"``, transformers
+    with a ``BitsAndBytesConfig`` while it loads, so a 7B base never exists in
+    16 bits on the device, onto the GPU when there is one (a GPU's default)."""
     from qlora_lab.models import load_model
     from qlora_lab.qlora import quantize_model
 
+    if quantizer not in ("auto", "qlora_lab", "bitsandbytes"):
+        raise ValueError(f"quantizer must be auto, qlora_lab or bitsandbytes, got {quantizer!r}")
+    if quantizer == "auto":
+        quantizer = "bitsandbytes" if torch.cuda.is_available() else "qlora_lab"
     config = adapter_config(adapter_dir)
     if base is None:
         name = model or base_model_name(adapter_dir)
         check_tokenizer_files(name)
-        base, tokenizer = load_model(name)
+        if quantize and quantizer == "bitsandbytes":
+            from qlora_lab.finetune.backends import bitsandbytes_config
+
+            dtype = torch.bfloat16 if torch.cuda.is_available() else torch.float32
+            base, tokenizer = load_model(name, dtype=dtype, quantization_config=bitsandbytes_config("nf4", True, dtype),
+                                         device_map={"": 0} if torch.cuda.is_available() else None)
+            quantize = False  # done while loading
+        else:
+            base, tokenizer = load_model(name)
     elif tokenizer is None:
         raise ValueError("pass the tokenizer together with the base model")
     if quantize:

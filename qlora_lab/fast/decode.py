@@ -11,6 +11,8 @@ measuring a 4096 x 4096 NF4 matrix on the course's 2-core machine, shape the cod
 * **Two values per look-up.** :func:`byte_pair_table` holds, for each of the
   256 byte values, its two decoded float32 values as one 8-byte entry, so one
   gather decodes both nibbles of a byte and the unpacked indices never exist.
+  On a CPU it is built once per code and cached; on a GPU it is built on the
+  device at each call (:func:`device_byte_pair_table`), which never waits for the host.
 * **Fresh memory.** The 64 MiB float32 output is a new mapping that the OS
   zeroes page by page on first touch: in 4 KiB pages that took longer than
   the decoding itself. numpy asks Linux for 2 MiB pages (``madvise
@@ -66,6 +68,18 @@ def byte_pair_table(code: torch.Tensor) -> torch.Tensor:
     return _byte_pairs_for(code.numpy().tobytes())
 
 
+def device_byte_pair_table(code: torch.Tensor) -> torch.Tensor:
+    """:func:`byte_pair_table` built where ``code`` is, by tensor operations:
+    on a GPU, the cached table would cost a copy of the code to the host (a
+    synchronisation) and of the table back at every layer call, thousands a
+    step; this costs two small gathers on the device and no synchronisation."""
+    if code.numel() != 16:
+        raise ValueError(f"a 4-bit code has 16 values, got {code.numel()}")
+    code = code.detach().reshape(-1).to(torch.float32)
+    byte = torch.arange(256, device=code.device)
+    return torch.stack([code[byte >> 4], code[byte & 0xF]], dim=1).contiguous().view(torch.int64).reshape(256)
+
+
 def new_output(numel: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     """An uninitialised 1-D tensor; on CPU backed by a numpy array, so that
     large outputs are mapped in 2 MiB pages where the OS allows it."""
@@ -83,7 +97,7 @@ def decode_packed(packed: torch.Tensor, absmax: torch.Tensor, code: torch.Tensor
     flat = packed.reshape(-1)
     absmax = absmax.float()
     device = flat.device
-    pairs = byte_pair_table(code).to(device)
+    pairs = byte_pair_table(code) if device.type == "cpu" else device_byte_pair_table(code.to(device))
     # float32 is decoded straight into the output, two values per byte: one
     # padding value when n is odd.
     out = new_output(2 * flat.numel() if dtype == torch.float32 else n, dtype, device)

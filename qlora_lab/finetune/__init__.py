@@ -17,17 +17,21 @@ Read it in this order; each module is one idea:
    4 bits, one tensor at a time, so a 7B model never exists in 16 bits.
 8. :mod:`qlora_lab.finetune.plan`: what a run will need before it starts (the
    dry run): GPU memory, host memory to load, which GPUs fit.
-9. :mod:`qlora_lab.finetune.adapter_files`: the adapter on disk in peft's
-   format, whichever backend trained it.
-10. :mod:`qlora_lab.finetune.step`: the parts of a step: device, optimizer,
+9. :mod:`qlora_lab.finetune.run_time`: how long a run will take, estimated from
+   its arithmetic, and what a card's spare memory buys.
+10. :mod:`qlora_lab.finetune.adapter_files`: the adapter on disk in peft's
+    format, whichever backend trained it.
+11. :mod:`qlora_lab.finetune.step`: the parts of a step: device, optimizer,
     learning-rate schedule, and the order of the batches as a pure function.
-11. :mod:`qlora_lab.finetune.train`: the training loop, written once: gradient
+12. :mod:`qlora_lab.finetune.train`: the training loop, written once: gradient
     accumulation, clipping, checkpoints that resume bit for bit, in one
     process or (chapter 09) in N.
-12. :mod:`qlora_lab.finetune.evaluate`: perplexity, evaluation loss, exact match.
-13. :mod:`qlora_lab.finetune.judge`: a model as judge, its verdicts in both
+13. :mod:`qlora_lab.finetune.evaluate`: perplexity, evaluation loss, exact match.
+14. :mod:`qlora_lab.finetune.mmlu`: MMLU 5-shot by the log-likelihood of the
+    answer letter, the paper's benchmark for a 7B adapter.
+15. :mod:`qlora_lab.finetune.judge`: a model as judge, its verdicts in both
     orders, and how far to trust them.
-14. :mod:`qlora_lab.finetune.tournament`: games from the verdicts and Elo
+16. :mod:`qlora_lab.finetune.tournament`: games from the verdicts and Elo
     ratings over random orderings, the paper's chatbot evaluation in miniature.
 
 Import the module you read: ``from qlora_lab.finetune.train import preset, train``.

@@ -117,8 +117,8 @@ def assistant_spans(messages: list[dict], tokenizer,
     a newline) and all system, user and template tokens are not labelled.
 
     The spans come from rendering growing prefixes of the conversation; that
-    requires the template to be prefix-consistent (the tokens of a prefix are a
-    prefix of the tokens of the whole), which is checked.
+    requires the template to be prefix-consistent (the tokens of a prefix, up to
+    the end-of-turn token, are a prefix of the tokens of the whole), which is checked.
     """
     eot = end_of_turn_id(tokenizer) if eot_id is None else eot_id
     full = _render_ids(tokenizer, messages)
@@ -128,15 +128,18 @@ def assistant_spans(messages: list[dict], tokenizer,
             continue
         before = _render_ids(tokenizer, messages[:i], add_generation_prompt=True)
         through = _render_ids(tokenizer, messages[: i + 1])
-        if full[: len(before)] != before or full[: len(through)] != through:
+        start = len(before)
+        closing = [k for k in range(start, len(through)) if through[k] == eot]
+        # Up to the end-of-turn token only: what a template writes after it (a newline)
+        # may merge with the next turn's first characters ("\n###" is one token of some vocabularies).
+        end = closing[-1] + 1 if closing else len(through)
+        if full[:start] != before or full[:end] != through[:end]:
             raise ValueError("the chat template is not prefix-consistent (rendering the first turns does not give "
                              "the first tokens of the whole conversation), so assistant tokens cannot be located")
-        start = len(before)
-        closing = [k for k in range(start, len(through)) if full[k] == eot]
         if not closing:
             raise ValueError(f"assistant turn {i} is not closed by the end-of-turn token id {eot}; the template "
                              f"must end assistant turns with it (or pass eot_id)")
-        spans.append((start, closing[-1] + 1))
+        spans.append((start, end))
     return full, spans
 
 

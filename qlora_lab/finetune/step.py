@@ -10,8 +10,10 @@
 5. The order of the batches: a pure function of the seed and the micro-batch's
    index (:class:`BatchSchedule`), so that nothing about it needs saving in a
    checkpoint and a resumed run sees the batches an uninterrupted one would.
-6. How often the run sees each example (:func:`epochs_of`): a warning above
-   :data:`MANY_EPOCHS`.
+6. Before the first step, checks that catch a run that would train the wrong
+   thing (:func:`preflight`): how often it sees each example (a warning above
+   :data:`MANY_EPOCHS`), whether the examples teach the model to stop, how many
+   lost their end to truncation, whether the model had a chat template.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ from qlora_lab.finetune import batching
 from qlora_lab.finetune.recipe import TrainConfig
 
 __all__ = ["BatchSchedule", "build_model", "build_optimizer", "compute_dtype_for", "constant_schedule_with_warmup",
-           "epochs_of", "resolve_device"]
+           "epochs_of", "load_optimizer_state", "preflight", "resolve_device"]
 
 
 # --------------------------------------------------------------------------- #
@@ -54,7 +56,10 @@ def build_model(config: TrainConfig, device: torch.device, model=None, tokenizer
     from qlora_lab.finetune import backends
 
     backend = backend or backends.resolve_backend(config.backend, device, model_given=model is not None)
-    return backends.build_model(config, device, backend, model, tokenizer)
+    built = backends.build_model(config, device, backend, model, tokenizer)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)  # the peak a run reports is its steps', not the load's
+    return built
 
 
 def build_optimizer(config: TrainConfig, params: list[torch.Tensor], device: torch.device):
@@ -75,6 +80,34 @@ def build_optimizer(config: TrainConfig, params: list[torch.Tensor], device: tor
 
         return PagedAdamW(params, page_bytes=1 << 20, **kwargs)
     return torch.optim.AdamW(params, foreach=False, **kwargs)
+
+
+def load_optimizer_state(optimizer, state_dict: dict) -> int:
+    """``optimizer.load_state_dict(state_dict)``, then, for bitsandbytes' paged
+    optimizers, each large state tensor put back in paged memory. bitsandbytes
+    allocates a state of 100,000 elements or more in CUDA unified memory
+    (``get_state_buffer``), which is what lets it page; its ``load_state_dict``
+    and ``to_gpu`` bring the loaded states back as ordinary device tensors, so
+    a resumed run would hold all of them in GPU memory. Returns how many were
+    put back (0 for every other optimizer, and on a CPU, where nothing pages)."""
+    optimizer.load_state_dict(state_dict)
+    if not getattr(optimizer, "is_paged", False):
+        return 0
+    import bitsandbytes.functional as F
+
+    paged = 0
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            state = optimizer.state.get(p, {})
+            for key, value in list(state.items()):
+                if (p.device.type != "cpu" and torch.is_tensor(value) and value.numel() >= 1e5
+                        and not getattr(value, "is_paged", False)):
+                    buffer = F.get_paged(*value.shape, dtype=value.dtype, device=p.device)
+                    buffer.copy_(value)
+                    optimizer.page_mng.paged_tensors.append(buffer)
+                    state[key] = buffer
+                    paged += 1
+    return paged
 
 
 def constant_schedule_with_warmup(optimizer, warmup_steps: int) -> torch.optim.lr_scheduler.LambdaLR:
@@ -130,3 +163,46 @@ def epochs_of(config: TrainConfig, n_examples: int) -> float:
                       f"through the {n_examples:,} training examples: above {MANY_EPOCHS} epochs a model learns "
                       f"the examples by heart; use more data or fewer steps", stacklevel=3)
     return epochs
+
+
+TRUNCATED_SHARE = 0.1
+"""A preflight warning when more than this share of the examples is cut at ``max_length``."""
+
+
+def preflight(config: TrainConfig, examples: list[dict], report, tokenizer, eot_id: int) -> float:
+    """The checks of a run's tokenized training ``examples`` (with the
+    :class:`~qlora_lab.finetune.chat_format.TokenizeReport` of their tokenization),
+    each a warning that says what to change; returns :func:`epochs_of`.
+
+    * **Stopping.** A model learns to end a reply only from end-of-turn tokens
+      in the loss. Pipelines that pad with the end-of-sequence token and then
+      mask every padding token by its value mask the real ones too, and the
+      model never stops generating; the course masks padding by position, but
+      truncation can still cut the end-of-turn tokens off.
+    * **Truncation**: examples cut at ``max_length``, and examples dropped because
+      their first reply begins after it.
+    * **The chat template**: a base model without one trains in Guanaco's
+      format, which chatting with it later must use too.
+    """
+    from qlora_lab.finetune.chat_format import GUANACO_CHAT_TEMPLATE, IGNORE_INDEX
+
+    def note(text: str) -> None:
+        warnings.warn(text, stacklevel=3)
+
+    stopping = sum(any(t == eot_id and label != IGNORE_INDEX for t, label in zip(e["input_ids"], e["labels"]))
+                   for e in examples)
+    if stopping < len(examples) / 2:
+        note(f"only {stopping:,} of the {len(examples):,} training examples have their end-of-turn token "
+             f"({tokenizer.convert_ids_to_tokens(eot_id)!r}) in the loss, so the model may not learn to stop: "
+             f"raise max_length (now {config.max_length}), or name the token that ends a reply with end_of_turn")
+    if report.truncated > TRUNCATED_SHARE * report.total:
+        note(f"{report.truncated:,} of {report.total:,} examples are cut at max_length={config.max_length}: "
+             f"the end of their replies is not trained on; raise max_length if memory allows (--dry-run)")
+    if report.dropped:
+        note(f"{len(report.dropped):,} examples have no reply within max_length={config.max_length} tokens and "
+             f"are left out; raise max_length to train on them")
+    if getattr(tokenizer, "chat_template", None) == GUANACO_CHAT_TEMPLATE:
+        note("the model's tokenizer has no chat template of its own, so this run trains it in Guanaco's "
+             "'### Human: ... ### Assistant:' format; chat with the adapter in the same format (python -m "
+             "qlora_lab chat does), or finetune the model's instruct version to keep its template")
+    return epochs_of(config, len(examples))

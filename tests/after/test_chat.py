@@ -153,3 +153,27 @@ def test_generation_speed_counts_exactly_the_new_tokens(tiny_dir):
     model, tokenizer = load_model(str(tiny_dir))
     speed = generation_speed(model, tokenizer, "Hello!", new_tokens=5)
     assert speed > 0
+
+
+def test_the_gpu_s_loader_quantizes_with_bitsandbytes_and_agrees_with_peft(tiny_dir, adapters):
+    """On a GPU the base is quantized by transformers + bitsandbytes while it
+    loads (a 7B base never exists in 16 bits on the device); forced here on the
+    CPU, where bitsandbytes' layers run too. The course's adapter layers around
+    bitsandbytes' Linear4bit give peft's logits on the same base."""
+    import bitsandbytes as bnb
+    from peft import PeftModel
+
+    from qlora_lab.finetune.backends import bitsandbytes_config
+    from qlora_lab.lora import lora_modules
+
+    model, tokenizer = load_with_adapter(adapters[0], quantizer="bitsandbytes")
+    wrapped = lora_modules(model)
+    assert len(wrapped) == 14 and all(isinstance(m.base, bnb.nn.Linear4bit) for m in wrapped.values())
+    base = load_model(str(tiny_dir), dtype=torch.float32, with_tokenizer=False,
+                      quantization_config=bitsandbytes_config("nf4", True, torch.float32))
+    theirs = PeftModel.from_pretrained(base, adapters[0]).eval()
+    ours = logits(model)
+    assert (ours - logits(theirs)).abs().max() <= 64 * torch.finfo(torch.float32).eps * ours.abs().max()
+    assert reply(model, tokenizer, "Hello! How are you?", max_new_tokens=6)
+    with pytest.raises(ValueError, match="quantizer must be auto, qlora_lab or bitsandbytes"):
+        load_with_adapter(adapters[0], quantizer="gguf")

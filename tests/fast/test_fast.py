@@ -268,6 +268,10 @@ def test_byte_pair_table_holds_both_nibbles():
     pairs = fast_decode.byte_pair_table(code).view(torch.float32).view(256, 2)
     byte = torch.arange(256)
     assert torch.equal(pairs[:, 0], code[byte >> 4]) and torch.equal(pairs[:, 1], code[byte & 0xF])
+    # the GPU's table, built where the code is without a copy to the host: the same bits
+    # (here on the meta device, which has no memory, for the no-host-copy part, and on the CPU for the bits)
+    assert torch.equal(fast_decode.device_byte_pair_table(code), fast_decode.byte_pair_table(code))
+    assert fast_decode.device_byte_pair_table(code.to("meta")).device.type == "meta"
 
 
 @pytest.mark.parametrize("dtype", FLOATS, ids=str)

@@ -212,3 +212,37 @@ def test_dry_run_of_today_s_7b_models_reads_their_shipped_configs_offline(capsys
     assert row[-6:] == ["fits"] * 6, row  # the recipe's batch 1 x 512 fits a 12 GB card
     readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
     assert f"{hub_id.split('/')[1].removesuffix('-Instruct')} {row[-10]} GB" in " ".join(readme.split())
+
+
+def test_a_resumed_paged_optimizer_pages_its_large_states_again(monkeypatch):
+    """bitsandbytes' load_state_dict brings paged states back as ordinary device
+    tensors; load_optimizer_state puts each of 100,000 elements or more back in
+    paged memory. No GPU here: the parameters live on the meta device (a device
+    that is not the CPU, with no memory) and get_paged is bitsandbytes' allocator
+    stood in for by one that marks its tensor paged, as the real one does."""
+    import bitsandbytes.functional as F
+
+    from qlora_lab.finetune.step import load_optimizer_state
+
+    def get_paged(*shape, dtype, device):
+        buffer = torch.empty(shape, dtype=dtype, device=device)
+        buffer.is_paged = True
+        return buffer
+
+    monkeypatch.setattr(F, "get_paged", get_paged)
+    big, small = torch.nn.Parameter(torch.empty(400, 400, device="meta")), torch.nn.Parameter(torch.empty(8, device="meta"))
+
+    class Paged(torch.optim.Optimizer):  # the two attributes of bitsandbytes' paged optimizers that matter here
+        is_paged = True
+        page_mng = type("PageManager", (), {"paged_tensors": []})()
+
+    optimizer = Paged([big, small], {})
+    state = {"state": {0: {"state1": torch.zeros(400, 400, device="meta"), "step": torch.tensor(3.0)},
+                       1: {"state1": torch.zeros(8, device="meta")}},
+             "param_groups": [{"params": [0, 1]}]}
+    assert load_optimizer_state(optimizer, state) == 1
+    assert getattr(optimizer.state[big]["state1"], "is_paged", False) and optimizer.page_mng.paged_tensors
+    assert not getattr(optimizer.state[small]["state1"], "is_paged", False)  # below bitsandbytes' threshold
+    # torch's AdamW (the CPU's optimizer) is loaded as it always was
+    adamw = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(2))])
+    assert load_optimizer_state(adamw, adamw.state_dict()) == 0

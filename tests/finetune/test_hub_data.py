@@ -237,3 +237,83 @@ def test_another_model_drops_the_preset_s_stand_in_memory_config():
     assert resolve_config(named).memory_config == "llama-7b"
     cleared = parse(["finetune", "--preset", "llama-7b-gpu", "--set", "memory_config=none"])
     assert resolve_config(cleared).memory_config is None
+
+
+def sentencepiece_tokenizer(texts):
+    """A tokenizer of LLaMA's and Mistral's kind, trained here: SentencePiece-style
+    BPE (words marked with a leading "▁", bytes as <0x..> tokens for anything
+    unseen), <s> before every text, </s> as the end of sequence, no chat template."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    backend = Tokenizer(models.BPE(unk_token="<unk>", byte_fallback=True))
+    backend.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first")
+    backend.decoder = decoders.Metaspace(replacement="▁", prepend_scheme="first")
+    trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=["<unk>", "<s>", "</s>"], show_progress=False,
+                                  initial_alphabet=[f"<0x{i:02X}>" for i in range(256)])
+    backend.train_from_iterator(texts * 4, trainer=trainer)
+    backend.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
+    return PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
+
+
+def test_the_guanaco_template_labels_replies_with_a_sentencepiece_tokenizer(guanaco_dir):
+    """A base model without a chat template gets the Guanaco format; with LLaMA's
+    kind of tokenizer (a space is part of the next word's token) each reply and
+    its </s> are labelled, nothing of the human turns. This vocabulary learned
+    "\n###" as one token, so the newline after a reply's </s> merges with the next
+    turn: the spans are checked for consistency up to the </s>, not beyond."""
+    train = H.load_hub_data(str(guanaco_dir)).splits["train"]
+    rows = (guanaco_dir / "openassistant_best_replies_train.jsonl").read_text().splitlines()
+    tokenizer = sentencepiece_tokenizer([json.loads(row)["text"].replace("### ", "\n### ") for row in rows])
+    assert chat_format.ensure_chat_template(tokenizer)
+    assert chat_format.end_of_turn_id(tokenizer) == tokenizer.eos_token_id
+    messages = train[1]["messages"]
+    tokenized = chat_format.tokenize_conversation(messages, tokenizer)
+    labelled = [t for t, label in zip(tokenized["input_ids"], tokenized["labels"]) if label != -100]
+    assert tokenizer.decode(labelled) == "7 is prime.</s> 11.</s>"
+    assert tokenizer.decode(tokenized["input_ids"]).startswith("<s>### Human: Name a prime number.\n### Assistant: 7")
+    assert "\n###" in tokenizer.convert_ids_to_tokens(tokenized["input_ids"])
+
+
+def test_a_gated_model_gets_a_one_line_hint(monkeypatch, capsys):
+    """Llama 3.1 is gated: transformers raises an OSError naming the gated repo;
+    the command says how to get access instead of a traceback."""
+    import qlora_lab.finetune.train as train_module
+
+    def gated(*args, **kwargs):
+        raise OSError("You are trying to access a gated repo. Make sure to have access to it at "
+                      "https://huggingface.co/meta-llama/Llama-3.1-8B.")
+
+    monkeypatch.setattr(train_module, "train", gated)
+    monkeypatch.setattr(train_module, "resolve_device", lambda config: __import__("torch").device("cpu"))
+    assert main(["finetune", "--preset", "smollm2-cpu", "--model", "meta-llama/Llama-3.1-8B", "--out", "x"]) == 2
+    err = capsys.readouterr().err.splitlines()
+    assert err[0].startswith("error: You are trying to access a gated repo")
+    assert err[1] == ("hint: accept the model's licence on its hub page, then log in on this machine with "
+                      "`hf auth login` (or set HF_TOKEN)")
+
+
+def test_preflight_warns_about_stopping_truncation_and_a_borrowed_template():
+    """Each check of a run's tokenized examples, with a SentencePiece tokenizer
+    that had no template (so the run borrows Guanaco's)."""
+    from qlora_lab.finetune.step import preflight
+
+    tokenizer = sentencepiece_tokenizer(["### Human: Say hi.\n### Assistant: Hi there, friend!"])
+    chat_format.ensure_chat_template(tokenizer)
+    eot = chat_format.end_of_turn_id(tokenizer)
+    records = [{"messages": [{"role": "user", "content": "Say hi."},
+                             {"role": "assistant", "content": "Hi there, friend! " * 3}]}] * 4
+    config = preset("smollm2-cpu", max_steps=1, batch_size=4, max_length=14)
+    examples, report = chat_format.tokenize_records(records, tokenizer, config.max_length, eot)
+    with pytest.warns(UserWarning) as caught:
+        assert preflight(config, examples, report, tokenizer, eot) == 1.0
+    messages = [str(w.message) for w in caught]
+    assert any(m.startswith("only 0 of the 4 training examples have their end-of-turn token ('</s>')") for m in messages)
+    assert any(m.startswith("4 of 4 examples are cut at max_length=14") for m in messages)
+    assert any("trains it in Guanaco's '### Human: ... ### Assistant:' format" for m in messages)
+    long_enough = preset("smollm2-cpu", max_steps=1, batch_size=4, max_length=200)
+    examples, report = chat_format.tokenize_records(records, tokenizer, long_enough.max_length, eot)
+    tokenizer.chat_template = tokenizer.chat_template + " "  # a template of the model's own
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        preflight(long_enough, examples, report, tokenizer, eot)

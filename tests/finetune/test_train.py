@@ -161,8 +161,8 @@ def test_cli_explains_bad_arguments(tmp_path):
     assert result.returncode == 2 and "r=abc" in result.stderr
     result = run_cli("finetune", "--preset", "smollm2-cpu", "--set", "lora_r=8", "--out", str(tmp_path))
     assert result.returncode == 2 and "lora_r is now r" in result.stderr
-    result = run_cli("finetune", "--preset", "smollm2-cpu")
-    assert result.returncode == 2 and "--out" in result.stderr
+    result = run_cli("finetune", "--preset", "smollm2-cpu", "--data", str(tmp_path / "nowhere"), "--out", str(tmp_path))
+    assert result.returncode == 2 and "--data" in result.stderr and "no such file or directory" in result.stderr
 
 
 # --------------------------------------------------------------------------- #
