@@ -10,10 +10,11 @@
 5. The order of the batches: a pure function of the seed and the micro-batch's
    index (:class:`BatchSchedule`), so that nothing about it needs saving in a
    checkpoint and a resumed run sees the batches an uninterrupted one would.
-6. Before the first step, checks that catch a run that would train the wrong
-   thing (:func:`preflight`): how often it sees each example (a warning above
-   :data:`MANY_EPOCHS`), whether the examples teach the model to stop, how many
-   lost their end to truncation, whether the model had a chat template.
+6. How often the run sees each example (:func:`epochs_of`, which :func:`train`
+   calls: a warning above :data:`MANY_EPOCHS`), and further checks of the
+   tokenized examples (:func:`preflight`: whether they teach the model to stop,
+   how many lost their end to truncation, whether the model had a chat
+   template), not yet called by the loop.
 """
 
 from __future__ import annotations

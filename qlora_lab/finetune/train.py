@@ -55,7 +55,7 @@ from qlora_lab.fast.loss import causal_lm_loss
 from qlora_lab.finetune import adapter_files, backends, batching, chat_format, evaluate, hub_data
 from qlora_lab.finetune.recipe import PRESETS, TrainConfig, preset  # the run's settings; train.preset(...) is the usual call
 from qlora_lab.finetune.step import (BatchSchedule, build_model, build_optimizer, compute_dtype_for,
-                                     constant_schedule_with_warmup, load_optimizer_state, preflight, resolve_device)
+                                     constant_schedule_with_warmup, epochs_of, load_optimizer_state, resolve_device)
 from qlora_lab.support.resume import (ADAPTER_DIR, checkpoints, newest_intact_checkpoint, restore_rng_state, rng_state,
                                       save_checkpoint)
 
@@ -190,7 +190,7 @@ def train(config: TrainConfig, out_dir: str | os.PathLike, *, resume: bool = Fal
                                                           config.train_on)
     if not train_examples:
         raise ValueError(f"no training example survives tokenization ({report})")
-    epochs = preflight(config, train_examples, report, tokenizer, eot_id)  # warnings with their fixes
+    epochs = epochs_of(config, len(train_examples))  # warns above MANY_EPOCHS
     eval_records = splits.get("validation", [])[: config.eval_examples]
     eval_examples, _ = chat_format.tokenize_records(eval_records, tokenizer, config.max_length, eot_id,
                                                     config.train_on)
