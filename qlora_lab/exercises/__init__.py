@@ -20,7 +20,7 @@ import functools
 import traceback
 from pathlib import Path
 
-__all__ = ["call_learner", "checker", "not_attempted"]
+__all__ = ["call_learner", "checker", "not_attempted", "tensor_shaped"]
 
 _PACKAGE_DIR = Path(__file__).resolve().parent.parent
 
@@ -67,6 +67,19 @@ def call_learner(number: int, fn, *args):
     except Exception as err:  # noqa: BLE001 - report any mistake to the learner instead of failing
         report_exception(number, err)
         return False, None
+
+
+def tensor_shaped(number: int, got, shape, like: str = "") -> bool:
+    """Whether the learner returned a tensor of ``shape``; if not, print what
+    came back instead (``like`` names the tensor it should match, "W" say)."""
+    import torch
+
+    if isinstance(got, torch.Tensor) and got.shape == shape:
+        return True
+    found = tuple(got.shape) if isinstance(got, torch.Tensor) else type(got).__name__
+    wanted = f"a tensor shaped like {like} {tuple(shape)}" if like else f"a tensor of shape {tuple(shape)}"
+    print(f"Exercise {number}: return {wanted}, got {found}")
+    return False
 
 
 def checker(number: int):

@@ -12,7 +12,7 @@ import math
 
 import torch
 
-from qlora_lab.exercises import call_learner, checker
+from qlora_lab.exercises import call_learner, checker, tensor_shaped
 from qlora_lab.quant import int8
 from qlora_lab.support.checks import summation_tolerance
 
@@ -94,9 +94,7 @@ def check_exercise_2(int8_linear) -> bool:
     ok, got = call_learner(2, int8_linear, x.clone(), w.clone())
     if not ok:
         return False
-    if not isinstance(got, torch.Tensor) or got.shape != expected.shape:
-        shape = tuple(got.shape) if isinstance(got, torch.Tensor) else type(got).__name__
-        print(f"Exercise 2: expected a tensor of shape {tuple(expected.shape)}, got {shape}")
+    if not tensor_shaped(2, got, expected.shape):
         return False
     got = got.float()
     tol = _rounding(x, w)  # reordered float32 sums only
@@ -159,9 +157,7 @@ def check_exercise_3(int8_matmul_inliers) -> bool:
     ok, got = call_learner(3, int8_matmul_inliers, x.clone(), w.clone(), threshold)
     if not ok:
         return False
-    if not isinstance(got, torch.Tensor) or got.shape != expected.shape:
-        shape = tuple(got.shape) if isinstance(got, torch.Tensor) else type(got).__name__
-        print(f"Exercise 3: expected a tensor of shape {tuple(expected.shape)}, got {shape}")
+    if not tensor_shaped(3, got, expected.shape):
         return False
     got = got.float()
     tol = _rounding(x, w)  # reordered float32 sums only (the outlier columns' product is one of them)

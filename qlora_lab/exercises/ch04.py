@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from qlora_lab.exercises import call_learner, checker
+from qlora_lab.exercises import call_learner, checker, tensor_shaped
 from qlora_lab.lora import LoRALinear, lora_parameter_count
 from qlora_lab.support.checks import summation_tolerance
 
@@ -50,9 +50,7 @@ def check_exercise_1(merged_weight) -> bool:
         ok, got = call_learner(1, merged_weight, W, A, B, alpha)
         if not ok:
             return False
-        if not isinstance(got, torch.Tensor) or got.shape != W.shape:
-            shape = tuple(got.shape) if isinstance(got, torch.Tensor) else type(got).__name__
-            print(f"Exercise 1: return a tensor shaped like W {tuple(W.shape)}, got {shape}")
+        if not tensor_shaped(1, got, W.shape, like="W"):
             return False
         if not torch.equal(W, W_before):
             print("Exercise 1: your function changed W in place; return a new tensor (W + ..., not W += ...)")

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from qlora_lab.exercises import call_learner, checker
+from qlora_lab.exercises import call_learner, checker, tensor_shaped
 from qlora_lab.qlora import DequantizeLinear, LinearNF4, memory_footprint
 from qlora_lab.quant.nf4 import dequantize_4bit, quantize_4bit
 from qlora_lab.support.checks import summation_tolerance
@@ -29,9 +29,7 @@ def check_exercise_1(input_gradient) -> bool:
         ok, got = call_learner(1, input_gradient, grad_output, packed, state)
         if not ok:
             return False
-        if not isinstance(got, torch.Tensor) or got.shape != x.shape:
-            print(f"Exercise 1: expected a tensor of shape {tuple(x.shape)}, got "
-                  f"{getattr(got, 'shape', type(got).__name__)}")
+        if not tensor_shaped(1, got, x.shape):
             return False
         # grad_output @ W_hat sums out_features products, in whatever order the learner's matmul takes.
         tol = summation_tolerance(torch.float32, shape[0], grad_output.abs() @ dequantize_4bit(packed, state).abs())

@@ -115,14 +115,8 @@ def test_adapter_set_equals_peft_multi_adapter(tiny_dir, adapters):
         assert torch.equal(logits(base), logits(peft_model)), name
 
 
-def test_adapter_for_another_base_is_refused(tiny_dir, adapters, tmp_path, capsys):
-    other_dir = tmp_path / "other"
-    from qlora_lab.models import tiny_llama
-    from qlora_lab.models.tiny import tiny_chat_tokenizer
-
-    tokenizer = tiny_chat_tokenizer()
-    tiny_llama(vocab_size=len(tokenizer), hidden_size=64).save_pretrained(other_dir)
-    tokenizer.save_pretrained(other_dir)
+def test_adapter_for_another_base_is_refused(tiny_dir, adapters, narrower_base, capsys):
+    other_dir = narrower_base
     with pytest.raises(ValueError, match="does not fit this base model.*shape"):
         load_with_adapter(adapters[0], str(other_dir))
     other, tok = load_model(str(other_dir))

@@ -334,3 +334,55 @@ def test_the_tests_mirror_the_package():
         tested = path.stem.removeprefix("test_")
         assert tested in top_level_modules | {"fuzz"}, (
             f"tests/{path.name} tests no top-level module of qlora_lab: move it into the folder of its stage")
+
+
+DOCUMENTS = ("README.md", "CONTRIBUTING.md", "notebooks/TEACHING.md", "bench/README.md", "bench/RESULTS.md")
+STAGES = ("quant", "memory", "lora", "paging", "finetune", "after", "beyond", "fast", "models", "support", "runs",
+          "qlora")
+
+
+def cited_names(text: str) -> set[str]:
+    """The package's names a Markdown text cites in backticks (``finetune.train.train``,
+    ``qlora_lab.memory.estimate``), without the ``qlora_lab.`` prefix; a call's
+    arguments (``build_model(...)``) are left off."""
+    pattern = r"`(?:qlora_lab\.)?((?:%s)(?:\.[A-Za-z_][A-Za-z_0-9]*)*)" % "|".join(STAGES)
+    return {m.group(1) for m in re.finditer(pattern, text) if not m.group(1).endswith(".py")}
+
+
+def test_every_name_the_documents_cite_exists_and_is_public():
+    """A document that names the package's code (the README's table of what runs only
+    on CUDA, say) names something that exists and that a reader may use: a module, or
+    a public attribute of one, never a private ``_name``."""
+    import importlib
+
+    wrong = []
+    for document in DOCUMENTS:
+        path = ROOT / document
+        if not path.is_file():
+            continue
+        for name in sorted(cited_names(path.read_text())):
+            parts = name.split(".")
+            if any(p.startswith("_") for p in parts):
+                wrong.append(f"{document}: {name} is private")
+                continue
+            for cut in range(len(parts), 0, -1):  # the longest prefix that is a module
+                try:
+                    obj = importlib.import_module("qlora_lab." + ".".join(parts[:cut]))
+                except ModuleNotFoundError:
+                    continue
+                break
+            else:
+                wrong.append(f"{document}: {name} names no module")
+                continue
+            for attribute in parts[cut:]:
+                if not hasattr(obj, attribute):
+                    wrong.append(f"{document}: {name} has no {attribute}")
+                    break
+                obj = getattr(obj, attribute)
+    assert not wrong, "\n".join(wrong)
+
+
+def test_the_citation_check_reads_backticked_names():
+    text = "see `finetune.backends.build_model(..., x)` and `qlora_lab.memory.estimate`, `qlora.py`, `torch.x`"
+    assert cited_names(text) == {"finetune.backends.build_model", "memory.estimate"}
+    assert "finetune.backends._load_bitsandbytes" in cited_names("`finetune.backends._load_bitsandbytes`")
