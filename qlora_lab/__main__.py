@@ -5,6 +5,7 @@ r"""``python -m qlora_lab finetune``: the course's finale as a command.
     python -m qlora_lab finetune --preset llama-7b-gpu --dry-run      # anywhere: configuration + memory per backend
     python -m qlora_lab finetune --preset smollm2-cpu --out runs/smollm2 --resume
     python -m qlora_lab gpu-smoke --model huggyllama/llama-7b          # both backends, a few steps on the GPU
+    python -m qlora_lab gpu-check                                       # 7B-shaped random models on the GPU, offline
     torchrun --standalone --nproc_per_node 2 -m qlora_lab finetune --fsdp --preset smollm2-cpu --out runs/fsdp \
         --set gradient_accumulation_steps=2 --set batch_size=4   # the 2 processes share each step's micro-batches
 
@@ -22,6 +23,7 @@ import argparse
 import dataclasses
 import json
 import sys
+import warnings
 
 import qlora_lab  # noqa: F401  (quiets bitsandbytes before it is imported)
 
@@ -192,6 +194,10 @@ def build_parser() -> argparse.ArgumentParser:
     from qlora_lab.runs.smoke import add_arguments
 
     add_arguments(commands.add_parser("gpu-smoke", help="both backends for a few steps on the GPU, side by side"))
+    from qlora_lab.runs.gpu_check import add_arguments as add_check_arguments
+
+    add_check_arguments(commands.add_parser("gpu-check", help="7B-shaped random models on the GPU, offline: bits, "
+                                            "memory, loss, paging, reload"))
     from qlora_lab.runs import mmlu_eval
 
     mmlu_eval.add_arguments(commands.add_parser("mmlu", help="MMLU 5-shot of an adapter on its 4-bit base, or of a base"))
@@ -220,6 +226,22 @@ def experiments(args) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    with warnings.catch_warnings():  # a run's preflight warnings read as one line each, as errors do
+        shown = warnings.showwarning
+
+        def show(message, category, *where, **kw):
+            from qlora_lab.finetune.step import PreflightWarning  # imported once a run warns (torch is loaded)
+
+            if issubclass(category, PreflightWarning):
+                print(f"warning: {message}", file=sys.stderr)
+            else:
+                shown(message, category, *where, **kw)
+
+        warnings.showwarning = show
+        return run_command(args)
+
+
+def run_command(args) -> int:
     try:
         if args.command == "finetune":
             return finetune(args)
@@ -233,6 +255,10 @@ def main(argv: list[str] | None = None) -> int:
             from qlora_lab.runs.mmlu_eval import run_from_args as run_mmlu
 
             return run_mmlu(args)
+        if args.command == "gpu-check":
+            from qlora_lab.runs.gpu_check import run_from_args as check_from_args
+
+            return check_from_args(args)
         if args.command == "gpu-smoke":
             from qlora_lab.runs.smoke import run_from_args
 

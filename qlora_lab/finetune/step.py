@@ -27,7 +27,8 @@ from qlora_lab.finetune import batching
 from qlora_lab.finetune.recipe import TrainConfig
 
 __all__ = ["BatchSchedule", "build_model", "build_optimizer", "compute_dtype_for", "constant_schedule_with_warmup",
-           "epochs_of", "load_optimizer_state", "preflight", "resolve_device"]
+           "epochs_of", "load_optimizer_state", "paged_states", "preflight", "PreflightWarning",
+           "resolve_device"]
 
 
 # --------------------------------------------------------------------------- #
@@ -111,6 +112,14 @@ def load_optimizer_state(optimizer, state_dict: dict) -> int:
     return paged
 
 
+def paged_states(optimizer) -> dict:
+    """How many of the optimizer's state tensors there are, and how many are
+    paged (bitsandbytes' paged optimizers mark theirs ``is_paged``)."""
+    states = [t for s in optimizer.state.values() for t in s.values() if torch.is_tensor(t) and t.dim() > 0]
+    return {"optimizer_state_tensors": len(states),
+            "optimizer_state_tensors_paged": sum(bool(getattr(t, "is_paged", False)) for t in states)}
+
+
 def constant_schedule_with_warmup(optimizer, warmup_steps: int) -> torch.optim.lr_scheduler.LambdaLR:
     """Learning rate ``lr * min(1, step / warmup_steps)``: a linear warmup from
     0, then constant (transformers' ``constant_with_warmup``)."""
@@ -155,40 +164,47 @@ that the data card of ``timdettmers/openassistant-guanaco`` counts), and gets
 the warning too; the 7B preset on the course's 1,600 examples would be 18.75."""
 
 
+class PreflightWarning(UserWarning):
+    """A warning of the checks a run makes before its first step (:func:`preflight`):
+    the run goes on, and the message says what to change."""
+
+
 def epochs_of(config: TrainConfig, n_examples: int) -> float:
     """How many times ``config.max_steps`` steps of ``config.effective_batch_size``
     examples go through ``n_examples`` training examples; warns above :data:`MANY_EPOCHS`."""
+    if n_examples < 1:
+        raise ValueError("no training example: check the data set and max_length (every example may be too long)")
     epochs = config.max_steps * config.effective_batch_size / n_examples
     if epochs > MANY_EPOCHS:
         warnings.warn(f"{config.max_steps} steps x {config.effective_batch_size} examples go {epochs:.1f} times "
                       f"through the {n_examples:,} training examples: above {MANY_EPOCHS} epochs a model learns "
-                      f"the examples by heart; use more data or fewer steps", stacklevel=3)
+                      f"the examples by heart; use more data or fewer steps", PreflightWarning, stacklevel=3)
     return epochs
-
-
-TRUNCATED_SHARE = 0.1
-"""A preflight warning when more than this share of the examples is cut at ``max_length``."""
 
 
 def preflight(config: TrainConfig, examples: list[dict], report, tokenizer, eot_id: int) -> float:
     """The checks of a run's tokenized training ``examples`` (with the
     :class:`~qlora_lab.finetune.chat_format.TokenizeReport` of their tokenization),
-    each a warning that says what to change; returns :func:`epochs_of`.
+    each a warning that says what to change (none left: a ValueError); returns :func:`epochs_of`.
 
     * **Stopping.** A model learns to end a reply only from end-of-turn tokens
       in the loss. Pipelines that pad with the end-of-sequence token and then
       mask every padding token by its value mask the real ones too, and the
       model never stops generating; the course masks padding by position, but
       truncation can still cut the end-of-turn tokens off.
-    * **Truncation**: examples cut at ``max_length``, and examples dropped because
-      their first reply begins after it.
+    * **Truncation before the reply**: examples dropped because their first
+      reply begins after ``max_length`` (an example cut inside its reply still
+      trains on the reply's start; the stopping check counts what it loses).
     * **The chat template**: a base model without one trains in Guanaco's
       format, which chatting with it later must use too.
     """
     from qlora_lab.finetune.chat_format import GUANACO_CHAT_TEMPLATE, IGNORE_INDEX
 
+    if not examples:
+        raise ValueError(f"no training example survives tokenization ({report})")
+
     def note(text: str) -> None:
-        warnings.warn(text, stacklevel=3)
+        warnings.warn(text, PreflightWarning, stacklevel=3)
 
     stopping = sum(any(t == eot_id and label != IGNORE_INDEX for t, label in zip(e["input_ids"], e["labels"]))
                    for e in examples)
@@ -196,9 +212,6 @@ def preflight(config: TrainConfig, examples: list[dict], report, tokenizer, eot_
         note(f"only {stopping:,} of the {len(examples):,} training examples have their end-of-turn token "
              f"({tokenizer.convert_ids_to_tokens(eot_id)!r}) in the loss, so the model may not learn to stop: "
              f"raise max_length (now {config.max_length}), or name the token that ends a reply with end_of_turn")
-    if report.truncated > TRUNCATED_SHARE * report.total:
-        note(f"{report.truncated:,} of {report.total:,} examples are cut at max_length={config.max_length}: "
-             f"the end of their replies is not trained on; raise max_length if memory allows (--dry-run)")
     if report.dropped:
         note(f"{len(report.dropped):,} examples have no reply within max_length={config.max_length} tokens and "
              f"are left out; raise max_length to train on them")

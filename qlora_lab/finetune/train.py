@@ -55,12 +55,13 @@ from qlora_lab.fast.loss import causal_lm_loss
 from qlora_lab.finetune import adapter_files, backends, batching, chat_format, evaluate, hub_data
 from qlora_lab.finetune.recipe import PRESETS, TrainConfig, preset  # the run's settings; train.preset(...) is the usual call
 from qlora_lab.finetune.step import (BatchSchedule, build_model, build_optimizer, compute_dtype_for,
-                                     constant_schedule_with_warmup, epochs_of, load_optimizer_state, resolve_device)
+                                     constant_schedule_with_warmup, load_optimizer_state, paged_states, preflight,
+                                     PreflightWarning, resolve_device)
 from qlora_lab.support.resume import (ADAPTER_DIR, checkpoints, newest_intact_checkpoint, restore_rng_state, rng_state,
                                       save_checkpoint)
 
 __all__ = ["PRESETS", "OneProcess", "TrainConfig", "TrainResult", "BatchSchedule", "build_model", "build_optimizer",
-           "compute_dtype_for", "constant_schedule_with_warmup", "preset", "resolve_device", "train"]
+           "compute_dtype_for", "constant_schedule_with_warmup", "preset", "PreflightWarning", "resolve_device", "train"]
 
 
 # --------------------------------------------------------------------------- #
@@ -115,7 +116,7 @@ class OneProcess:
         # PyTorch's allocations only: bitsandbytes' paged states are in unified memory (see gpu-smoke)
         free, total = torch.cuda.mem_get_info(device)
         return {"peak_gpu_allocated_bytes": torch.cuda.max_memory_allocated(device),
-                "gpu_used_bytes_at_end": total - free}
+                "gpu_used_bytes_at_end": total - free, **paged_states(optimizer)}
 
 
 # --------------------------------------------------------------------------- #
@@ -188,9 +189,7 @@ def train(config: TrainConfig, out_dir: str | os.PathLike, *, resume: bool = Fal
     eot_id = chat_format.end_of_turn_id(tokenizer, config.end_of_turn)
     train_examples, report = chat_format.tokenize_records(splits["train"], tokenizer, config.max_length, eot_id,
                                                           config.train_on)
-    if not train_examples:
-        raise ValueError(f"no training example survives tokenization ({report})")
-    epochs = epochs_of(config, len(train_examples))  # warns above MANY_EPOCHS
+    epochs = preflight(config, train_examples, report, tokenizer, eot_id)  # warnings, each with its fix
     eval_records = splits.get("validation", [])[: config.eval_examples]
     eval_examples, _ = chat_format.tokenize_records(eval_records, tokenizer, config.max_length, eot_id,
                                                     config.train_on)

@@ -63,16 +63,19 @@ Qwen2/2.5 (``qwen2``: biases on the query, key and value projections) and
 Gemma 2 (``gemma2``: a head size of its own, soft-capped logits, tied embeddings)."""
 
 
-def tiny_causal_lm(architecture: str = "llama", seed: int = 0, vocab_size: int = 512, dtype=torch.float32):
+def tiny_causal_lm(architecture: str = "llama", seed: int = 0, vocab_size: int = 512, dtype=torch.float32,
+                   **sizes):
     """A random model of ``architecture`` (one of :data:`TINY_ARCHITECTURES`)
     built from its transformers config, 128 wide with 2 layers, 4 query and 2
     key/value heads of 32: every linear layer a whole number of 64-blocks wide,
-    as in the real models. The same ``seed`` gives the same weights."""
+    as in the real models. The same ``seed`` gives the same weights. ``sizes``
+    overrides config fields (``hidden_size=4096, intermediate_size=14336`` ...):
+    ``make gpu-check`` builds 2-layer models at a 7B model's full width."""
     from transformers import AutoModelForCausalLM, Gemma2Config, LlamaConfig, MistralConfig, Qwen2Config
 
     shape = dict(vocab_size=vocab_size, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
                  num_attention_heads=4, num_key_value_heads=2, head_dim=32, max_position_embeddings=512,
-                 pad_token_id=0, bos_token_id=1, eos_token_id=2)
+                 pad_token_id=0, bos_token_id=1, eos_token_id=2) | sizes
     configs = {"llama": lambda: LlamaConfig(**shape, tie_word_embeddings=False),
                "mistral": lambda: MistralConfig(**shape, sliding_window=None, tie_word_embeddings=False),
                "qwen2": lambda: Qwen2Config(**shape, tie_word_embeddings=False),
@@ -118,14 +121,15 @@ def tiny_chat_tokenizer(vocab_size: int = 384):
     return tokenizer
 
 
-def write_tiny_chat_model(directory: str | os.PathLike, seed: int = 0, architecture: str | None = None) -> Path:
+def write_tiny_chat_model(directory: str | os.PathLike, seed: int = 0, architecture: str | None = None,
+                          dtype=torch.float32, **sizes) -> Path:
     """Save a tiny Llama (128 wide, 2 layers; :func:`tiny_llama`), or a tiny
-    model of ``architecture`` (:func:`tiny_causal_lm`), with
+    model of ``architecture`` (:func:`tiny_causal_lm`, with ``sizes``), with
     :func:`tiny_chat_tokenizer` as a transformers model directory; returns it."""
 
     tokenizer = tiny_chat_tokenizer()
     model = (tiny_llama(seed=seed, vocab_size=len(tokenizer), hidden_size=128) if architecture is None
-             else tiny_causal_lm(architecture, seed=seed, vocab_size=len(tokenizer)))
+             else tiny_causal_lm(architecture, seed=seed, **({"vocab_size": len(tokenizer)} | sizes), dtype=dtype))
     model.config.pad_token_id = tokenizer.pad_token_id
     model.config.bos_token_id = tokenizer.bos_token_id
     model.config.eos_token_id = tokenizer.eos_token_id

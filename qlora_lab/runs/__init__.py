@@ -10,9 +10,11 @@ Each is a script as much as a module (``python -m qlora_lab.runs.<name>``):
    08's task adapters, their scores and the generation speeds.
 4. :mod:`qlora_lab.runs.smoke`: ``make gpu-smoke``, both backends for a few
    steps on a GPU, each in a fresh process.
-5. :mod:`qlora_lab.runs.mmlu_eval`: ``python -m qlora_lab mmlu``, MMLU 5-shot of
+5. :mod:`qlora_lab.runs.gpu_check`: ``make gpu-check``, random models with 7B
+   layer shapes on a GPU, offline: bits, memory, loss, paging, the adapter reloaded.
+6. :mod:`qlora_lab.runs.mmlu_eval`: ``python -m qlora_lab mmlu``, MMLU 5-shot of
    a finetuned adapter (chapter 07's 7B path).
-6. :mod:`qlora_lab.runs.after_commands`: ``chat``, ``export`` and
+7. :mod:`qlora_lab.runs.after_commands`: ``chat``, ``export`` and
    ``after-finetuning`` on the command line (chapter 08).
 
 Import the module you run: ``from qlora_lab.runs import experiments``.

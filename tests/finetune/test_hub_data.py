@@ -293,7 +293,7 @@ def test_a_gated_model_gets_a_one_line_hint(monkeypatch, capsys):
                       "`hf auth login` (or set HF_TOKEN)")
 
 
-def test_preflight_warns_about_stopping_truncation_and_a_borrowed_template():
+def test_preflight_warns_about_stopping_dropped_examples_and_a_borrowed_template():
     """Each check of a run's tokenized examples, with a SentencePiece tokenizer
     that had no template (so the run borrows Guanaco's)."""
     from qlora_lab.finetune.step import preflight
@@ -309,8 +309,12 @@ def test_preflight_warns_about_stopping_truncation_and_a_borrowed_template():
         assert preflight(config, examples, report, tokenizer, eot) == 1.0
     messages = [str(w.message) for w in caught]
     assert any(m.startswith("only 0 of the 4 training examples have their end-of-turn token ('</s>')") for m in messages)
-    assert any(m.startswith("4 of 4 examples are cut at max_length=14") for m in messages)
     assert any("trains it in Guanaco's '### Human: ... ### Assistant:' format" for m in messages)
+    long_question = [{"messages": [{"role": "user", "content": "Say hi. " * 10},
+                                   {"role": "assistant", "content": "Hi!"}]}] * 3
+    examples, report = chat_format.tokenize_records(records + long_question, tokenizer, config.max_length, eot)
+    with pytest.warns(UserWarning, match=r"3 examples have no reply within max_length=14 tokens and are left out"):
+        preflight(config, examples, report, tokenizer, eot)
     long_enough = preset("smollm2-cpu", max_steps=1, batch_size=4, max_length=200)
     examples, report = chat_format.tokenize_records(records, tokenizer, long_enough.max_length, eot)
     tokenizer.chat_template = tokenizer.chat_template + " "  # a template of the model's own
