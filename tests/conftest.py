@@ -79,3 +79,15 @@ def small_data(tmp_path_factory):
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+@pytest.fixture(autouse=True)
+def _threads_kept():
+    """A test leaves torch's thread count as it found it: the bit-for-bit tests that
+    run after it in the same worker compare against subprocesses with one thread,
+    and another count groups float sums another way."""
+    threads = torch.get_num_threads()
+    yield
+    changed = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    assert changed == threads, f"the test changed torch's thread count from {threads} to {changed}; restore it"

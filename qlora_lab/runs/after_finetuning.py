@@ -140,10 +140,14 @@ def run(steps: int = 16, out_dir: str | Path = "runs/after-finetuning", results:
         if task == TASKS[0] and "gguf" in parts:
             fresh["gguf"] = _gguf_checks(merged, tokenizer, records[:8])
         if task == TASKS[0] and "speed" in parts:
-            torch.set_num_threads(2)
-            for name, model in (("float base", float_base), ("NF4 base + adapter", bank.use(task)),
-                                ("merged (float32)", merged), ("merged into NF4, re-quantized", requantized)):
-                fresh["speed"][name] = generation_speed(model, tokenizer, new_tokens=speed_tokens, repeats=3)
+            threads = torch.get_num_threads()
+            torch.set_num_threads(2)  # the speeds are measured with two threads; the caller's count comes back
+            try:
+                for name, model in (("float base", float_base), ("NF4 base + adapter", bank.use(task)),
+                                    ("merged (float32)", merged), ("merged into NF4, re-quantized", requantized)):
+                    fresh["speed"][name] = generation_speed(model, tokenizer, new_tokens=speed_tokens, repeats=3)
+            finally:
+                torch.set_num_threads(threads)
             bank.use(None)
         del merged, requantized
     # Read again: another process may have written its part meanwhile.

@@ -230,6 +230,13 @@ def exercise(command: str, tmp: Path, data: Path) -> str:
     if argv[:4] == ["python", "-m", "qlora_lab", "gpu-smoke"] and "--cpu" not in argv:
         build_parser().parse_args(argv[3:])
         return refuses_without_gpu(with_out_in(argv[3:], tmp), expected_code=1)
+    if argv[:4] == ["python", "-m", "qlora_lab", "gpu-check"] and "--device" not in argv:
+        build_parser().parse_args(argv[3:])
+        if torch.cuda.is_available():
+            return "flags parsed (a CUDA GPU is present: the real check takes about ten minutes)"
+        code, out, err = in_process(with_out_in(argv[3:], tmp))
+        assert code == 0 and out.startswith("gpu-check needs a CUDA GPU and this machine has none"), out + err
+        return "says, without a GPU, that it checks nothing"
     if argv == ["python", "-m", "qlora_lab.env_check"]:
         from qlora_lab import env_check
 

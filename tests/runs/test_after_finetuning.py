@@ -5,6 +5,7 @@ folder moved to a temporary one (the committed adapters are never touched)."""
 import json
 
 import pytest
+import torch
 
 from qlora_lab.lora import CONFIG_NAME, WEIGHTS_NAME
 from qlora_lab.runs import after_finetuning
@@ -27,6 +28,7 @@ def test_task_splits_keep_one_task_and_refuse_another():
 def test_scores_and_speed_of_two_fresh_adapters(tiny_smollm2, adapters_dir, tmp_path):
     results = tmp_path / "after.json"
     results.write_text(json.dumps({"gguf": {"kept": True}}))  # another part's results stay
+    threads = torch.get_num_threads()
     summary = after_finetuning.run(steps=1, out_dir=tmp_path / "runs", results=results, retrain=True,
                                    per_task=2, speed_tokens=2, parts=("scores", "speed"))
     assert json.loads(results.read_text()) == summary and summary["gguf"] == {"kept": True}
@@ -39,6 +41,7 @@ def test_scores_and_speed_of_two_fresh_adapters(tiny_smollm2, adapters_dir, tmp_
                                "merged into NF4, re-quantized"}
         assert all(s["total"] == 2 and len(s["predictions"]) == 2 for s in scores.values())
         assert summary["train_seconds"][task] > 0
+    assert torch.get_num_threads() == threads  # measured with two threads, the caller's count restored
     assert set(summary["speed"]) == {"float base", "NF4 base + adapter", "merged (float32)",
                                      "merged into NF4, re-quantized"}
 
