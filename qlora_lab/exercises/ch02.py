@@ -27,6 +27,12 @@ def check_exercise_1(my_normal_float_code) -> bool:
             print(f"Exercise 1: return a torch.Tensor, got {type(got).__name__}")
             return False
         got = got.detach().double().reshape(-1)
+        if not bool(torch.isfinite(got).all()):
+            print(f"Exercise 1: NF{bits} came back with inf or NaN values: {[round(v, 4) for v in got.tolist()]}")
+            print("  Hint: the normal quantile of probability 1 is infinite (scipy's norm.ppf(1.0) is inf): "
+                  "the outermost quantile is taken at normal_float_offset(bits) instead, and the "
+                  "probabilities run from there down to 0.5.")
+            return False
         if got.numel() != expected.numel():
             print(f"Exercise 1: NF{bits} has {expected.numel()} values, yours has {got.numel()}")
             if got.numel() == 256:

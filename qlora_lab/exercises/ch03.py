@@ -36,8 +36,14 @@ def check_exercise_1(constants_bytes) -> bool:
                 print(f"Exercise 1: {numel:,} values in blocks of {blocksize}"
                       f"{' with double quantization' if double_quant else ''}: the constants take "
                       f"{expected:,} bytes, you said {got!r}.")
+                blocks = -(-numel // blocksize)
                 if double_quant and isinstance(got, (int, float)) and got == expected - 4:
-                    print("  Hint: the mean offset is stored too (one float32).")
+                    if blocks % 256:  # two mistakes give the same 4 bytes here: say both
+                        print(f"  Hint: 4 bytes short. The mean offset is stored too (one float32), and the "
+                              f"{blocks:,} codes fill {-(-blocks // 256)} groups of 256 (the last one partial), "
+                              f"each with its float32 absmax: count the groups rounding up.")
+                    else:
+                        print("  Hint: the mean offset is stored too (one float32).")
                 elif numel % blocksize:
                     print("  Hint: the last block is partial, but it still needs its constant.")
                 return False

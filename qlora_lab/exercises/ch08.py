@@ -11,7 +11,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from qlora_lab.exercises import call_learner
+from qlora_lab.exercises import call_learner, checker
 
 # ---------------------------------------------------------------- exercise 1
 
@@ -33,6 +33,7 @@ def _exercise_1_cases():
     yield np.zeros(32, dtype=np.float32)
 
 
+@checker(1)
 def check_exercise_1(q8_0_roundtrip) -> bool:
     """``q8_0_roundtrip(x)`` (a float32 array whose length is a multiple of 32)
     must return what a Q8_0 file gives back: for each block of 32 values,
@@ -90,6 +91,7 @@ def _exercise_2_cases():
         yield w0, torch.randn(64, 128, generator=g) * scale
 
 
+@checker(2)
 def check_exercise_2(unchanged_codes) -> bool:
     """``unchanged_codes(w0, delta)`` must return the fraction (a float in [0, 1])
     of the 4-bit NF4 codes of ``w0`` (block size 64, no double quantization,

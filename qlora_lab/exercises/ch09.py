@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 
 from qlora_lab.beyond.loftq import loftq_init
-from qlora_lab.exercises import call_learner
+from qlora_lab.exercises import call_learner, checker
 from qlora_lab.quant.nf4 import dequantize_4bit, quantize_4bit
 
 
@@ -20,6 +20,7 @@ def _shard_bytes(tensor: torch.Tensor, world: int, rank: int) -> int:
     return chunks[rank].numel() * tensor.element_size() if rank < len(chunks) else 0
 
 
+@checker(1)
 def check_exercise_1(rank_bytes) -> bool:
     """``rank_bytes(out_features, in_features, world_size, rank)`` must return
     the bytes of the packed weight and of the uint8 block constants (NF4,
@@ -42,6 +43,7 @@ def check_exercise_1(rank_bytes) -> bool:
     return True
 
 
+@checker(2)
 def check_exercise_2(loftq_round) -> bool:
     """``loftq_round(weight, r)`` must return ``(Q, B, A)``: ``Q`` the
     dequantized NF4 (double-quantized, blocks of 64) of ``weight`` and ``B A``

@@ -121,7 +121,7 @@ def memory_plan(config, device_type: str = "cuda") -> list[dict]:
     """For each backend: the GPU estimate (:func:`run_estimate`), the host
     memory of the load (:func:`load_host_bytes`) and which of
     :data:`COMMON_GPUS_GB` the estimate fits (chapter 07's rule: the
-    estimate's total within the card's ``size * 2**30`` bytes)."""
+    estimated peak of a step within the card's ``size * 2**30`` bytes)."""
     from qlora_lab import memory
 
     estimate = run_estimate(config, device_type)
@@ -130,7 +130,7 @@ def memory_plan(config, device_type: str = "cuda") -> list[dict]:
     for backend in (default, *[b for b in BACKENDS if b != default]):
         rows.append({"backend": backend, "default": backend == default, "estimate": estimate,
                      "host_bytes": load_host_bytes(config, backend, device_type),
-                     "fits": {gb: estimate.total <= memory.gpu_capacity_bytes(gb) for gb in COMMON_GPUS_GB}})
+                     "fits": {gb: estimate.peak <= memory.gpu_capacity_bytes(gb) for gb in COMMON_GPUS_GB}})
     return rows
 
 
@@ -152,7 +152,7 @@ def memory_estimate_text(config, device_type: str = "cuda") -> str:
     text = (f"memory estimate for {breakdown.model} ({config.method}, r={config.r}, batch {config.batch_size} x "
             f"{config.max_length} tokens, checkpointing {'on' if config.gradient_checkpointing else 'off'}, "
             f"{compute} compute, float32 adapters, 32-bit Adam states, on {device_type}):\n{breakdown}\n"
-            f"full 16-bit finetuning of the same model would need about {full.total / 1e9:.1f} GB")
+            f"full 16-bit finetuning of the same model would peak at about {full.peak / 1e9:.1f} GB")
     return text
 
 
@@ -166,12 +166,12 @@ def memory_plan_text(config, device_type: str = "cuda") -> str:
     names = [r["backend"] + (" (default)" if r["default"] else "") for r in rows]
     width = max(len("backend"), *map(len, names)) + 2
     lines = [f"what each backend needs for {rows[0]['estimate'].model} on {device_type}:",
-             f"{'backend':<{width}}{'estimate':>13}{'host for the load':>19}"
+             f"{'backend':<{width}}{'step peak':>13}{'host for the load':>19}"
              + "".join(f"{gb:>4} GB" for gb in COMMON_GPUS_GB)]
     for name, r in zip(names, rows):
-        lines.append(f"{name:<{width}}{r['estimate'].total / 1e9:>10.2f} GB{r['host_bytes'] / 1e9:>16.2f} GB"
+        lines.append(f"{name:<{width}}{r['estimate'].peak / 1e9:>10.2f} GB{r['host_bytes'] / 1e9:>16.2f} GB"
                      + "".join(f"{'fits' if r['fits'][gb] else 'no':>7}" for gb in COMMON_GPUS_GB))
-    lines.append(f"Estimate: a training step's memory on the device (chapter 03), the same tensors with either "
+    lines.append(f"Step peak: a training step's peak memory on the device (chapter 03), the same tensors with either "
                  f"backend; a GPU fits when it is within the card's size (GiB). Host: the load's peak, {HOST_RUNTIME_BYTES / 1e9:.2f} GB of runtime "
                  f"included; qlora_lab streams one tensor at a time, transformers (bitsandbytes) keeps the 16-bit "
                  f"checkpoint's pages mapped while it loads (measured on the CPU).")

@@ -114,7 +114,7 @@ def headroom(config, gpu_gb: int, batches=(1, 2, 4, 8), lengths=(1024, 2048)) ->
     for batch, length in shapes:
         trial = dataclasses.replace(config, batch_size=batch, max_length=length,
                                     gradient_accumulation_steps=max(1, config.effective_batch_size // batch))
-        total = run_estimate(trial).total
+        peak = run_estimate(trial).peak
         rows.append({"batch": batch, "max_length": length, "accumulation": trial.gradient_accumulation_steps,
-                     "bytes": total, "fits": total <= memory.gpu_capacity_bytes(gpu_gb)})
+                     "bytes": peak, "fits": peak <= memory.gpu_capacity_bytes(gpu_gb)})
     return rows

@@ -169,7 +169,9 @@ class MemoryEstimate:
                  f"gradient checkpointing {ckpt})"]
         for name, value in self.components().items():
             lines.append(f"  {name:<12}{value / GB:>9.2f} GB")
-        lines.append(f"  {'total':<12}{self.total / GB:>9.2f} GB")
+        lines.append(f"  {'total':<12}{self.total / GB:>9.2f} GB   (the five added up)")
+        lines.append(f"  {'peak':<12}{self.peak / GB:>9.2f} GB   (a step's peak: activations and gradients "
+                     f"are not all alive at once)")
         return "\n".join(lines)
 
     def __str__(self) -> str:

@@ -16,9 +16,9 @@ number QLoRA's Table 6 prints:
   (1.92 GB) exceed 5 GB. Compared like with like,
   :func:`deployment_footprint` (weights, adapters, key/value cache for the
   full 2048-token context at batch 1) is within 7% of all six rows
-  (:func:`qlora_lab.memory.report.paper_comparison`). The finetuning totals of
-  :func:`qlora_lab.memory.costs.estimate` are 6.1/10.6/23.9/44.9 GB: +22%,
-  +6%, +14%, +10% above the column.
+  (:func:`qlora_lab.memory.report.paper_comparison`). The peaks of a QLoRA
+  finetuning step by :func:`qlora_lab.memory.costs.estimate` are
+  5.8/10.2/23.3/44.1 GB: +16%, +2%, +11%, +7% above the column.
 
 Every figure is in bytes; tables print decimal gigabytes (1 GB = 10^9 bytes).
 """

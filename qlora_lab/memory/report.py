@@ -11,7 +11,7 @@ What the paper measured, and how the memory model compares
   12 bytes x 65.29e9 parameters + activations = 784 GB.
 * Abstract and Sec. 4-5: QLoRA finetunes 65B "on a single 48GB GPU" and
   33B "on 24 GB consumer GPUs". Here, at the Figure 6 setting (batch 1,
-  512 tokens, gradient checkpointing): 44.9 GB and 23.9 GB; GPUs are sized
+  512 tokens, gradient checkpointing), a step's peak: 44.1 GB and 23.3 GB; GPUs are sized
   in binary units (:func:`qlora_lab.memory.costs.gpu_capacity_bytes`): 51.5e9
   and 25.8e9 bytes.
 * Sec. 2, "Memory Requirement of Parameter-Efficient Finetuning", for
@@ -24,7 +24,7 @@ What the paper measured, and how the memory model compares
   a sequence length and could not be matched).
 * Table 6, column "Memory": the memory of the deployed model, not of its
   finetuning; :mod:`qlora_lab.memory.footprint` compares it like with like,
-  and :func:`paper_comparison` sets the totals of
+  and :func:`paper_comparison` sets the step peaks of
   :func:`qlora_lab.memory.costs.estimate` beside it.
 """
 
@@ -53,8 +53,8 @@ def paper_comparison(**settings) -> list[dict]:
     for the 4-bit Guanaco models); the deployment footprint of
     :func:`deployment_footprint` (weights, adapters, key/value cache for the
     full 2048-token context, batch 1) and its deviation; and for the 4-bit
-    rows the QLoRA finetuning ``total`` of :func:`estimate` (``settings``
-    are passed to it) and its deviation.
+    rows the ``peak`` of a QLoRA finetuning step by :func:`estimate`
+    (``settings`` are passed to it) and its deviation.
     """
     rows = []
     for label, name, bits, paper in PAPER_TABLE6:
@@ -71,9 +71,9 @@ def paper_comparison(**settings) -> list[dict]:
             "finetuning_vs_paper": None,
         }
         if bits == 4:
-            total = estimate(name, "qlora", **settings).total
-            row["finetuning_gb"] = total / GB
-            row["finetuning_vs_paper"] = total / GB / paper - 1
+            peak = estimate(name, "qlora", **settings).peak
+            row["finetuning_gb"] = peak / GB
+            row["finetuning_vs_paper"] = peak / GB / paper - 1
         rows.append(row)
     return rows
 

@@ -44,7 +44,9 @@ def normal_float_offset(bits: int = 4) -> float:
 
     The N(0, 1) quantiles at probabilities 0 and 1 are infinite, so the
     construction stops short of them. For k = 4 bitsandbytes uses
-    0.9677083; that number is ``1 - (1/30 + 1/32) / 2`` rounded to 7 digits:
+    0.9677083 and does not say why. The course's reconstruction (a rule that
+    reproduces the constant, documented nowhere): it equals
+    ``1 - (1/30 + 1/32) / 2`` rounded to 7 digits,
     the mean of ``1 - 1/(2*15)`` and ``1 - 1/(2*16)``, the centres of the last
     of 15 and of 16 equally likely bins. We use the same rule for every k,
     ``1 - (1/(2(2^k - 1)) + 1/2^(k+1)) / 2`` rounded to 7 digits, which gives

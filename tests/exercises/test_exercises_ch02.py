@@ -34,6 +34,9 @@ def test_exercise_1(capsys):
     assert "256" in capsys.readouterr().out
     assert not ch02.check_exercise_1(lambda bits: -right_code(bits).flip(0))  # more negative than positive
     assert "positive quantiles" in capsys.readouterr().out
+    unbounded = lambda bits: torch.tensor(norm.ppf(torch.linspace(0, 1, 2**bits).numpy()))  # noqa: E731
+    assert not ch02.check_exercise_1(unbounded)
+    assert "inf or NaN" in (out := capsys.readouterr().out) and "normal_float_offset(bits)" in out
     assert not ch02.check_exercise_1(not_attempted)
     assert "not attempted" in capsys.readouterr().out
     assert not ch02.check_exercise_1(lambda bits: 1 / 0)

@@ -34,6 +34,11 @@ def whole_blocks_only(numel, blocksize, double_quant):
     return 4 * blocks if not double_quant else blocks + 4 * -(-blocks // 256) + 4
 
 
+def whole_groups_only(numel, blocksize, double_quant):
+    blocks = -(-numel // blocksize)
+    return 4 * blocks if not double_quant else blocks + 4 * (blocks // 256) + 4
+
+
 def the_papers_average(numel, blocksize, double_quant):
     bits = 32 / blocksize if not double_quant else 8 / blocksize + 32 / (blocksize * 256)
     return numel * bits / 8
@@ -45,6 +50,7 @@ def test_exercise_1_accepts_exact_counting(capsys):
 
 
 @pytest.mark.parametrize("wrong, hint", [(forgets_the_offset, "offset"), (whole_blocks_only, "partial"),
+                                         (whole_groups_only, "groups of 256 (the last one partial)"),
                                          (the_papers_average, "")])
 def test_exercise_1_rejects_wrong_counts(wrong, hint, capsys):
     assert ch03.check_exercise_1(wrong) is False

@@ -67,3 +67,9 @@ def test_wrong_answers_get_hints(capsys):
     assert "compare codes, not bytes" in capsys.readouterr().out
     assert ch08.check_exercise_2(lambda w0, delta: 1.0) is False
     assert "unpack both" in capsys.readouterr().out
+
+
+def test_bugs_in_the_learners_code_are_feedback(capsys):
+    from exercise_feedback import assert_bugs_are_feedback
+
+    assert_bugs_are_feedback(capsys, [(1, ch08.check_exercise_1, ()), (2, ch08.check_exercise_2, ())])

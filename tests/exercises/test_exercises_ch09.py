@@ -40,3 +40,9 @@ def test_exercise_2(capsys):
     assert not ch09.check_exercise_2(lambda w, r: loftq_round(w, r)[:2])
     assert not ch09.check_exercise_2(lambda w, r: (loftq_round(w, r)[0], *loftq_round(w, r + 1)[1:]))
     assert not ch09.check_exercise_2(not_attempted)
+
+
+def test_bugs_in_the_learners_code_are_feedback(capsys):
+    from exercise_feedback import assert_bugs_are_feedback
+
+    assert_bugs_are_feedback(capsys, [(1, ch09.check_exercise_1, ()), (2, ch09.check_exercise_2, ())])

@@ -173,7 +173,7 @@ def dry_run(capsys, *args):
 def test_dry_run_prints_each_backend_s_needs_and_the_gpus_that_fit(capsys):
     out = dry_run(capsys)
     table = out[out.index("what each backend needs for llama-7b on cuda:"):].splitlines()
-    assert table[1].split() == ["backend", "estimate", "host", "for", "the", "load",
+    assert table[1].split() == ["backend", "step", "peak", "host", "for", "the", "load",
                                 "12", "GB", "16", "GB", "24", "GB", "40", "GB", "48", "GB", "80", "GB"]
     readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
     assert "\n".join("  " + line for line in table[1:4]) in readme, "the README's dry-run table is not the output"
@@ -186,8 +186,9 @@ def test_dry_run_prints_each_backend_s_needs_and_the_gpus_that_fit(capsys):
         assert (host < 1.0) if backend == "qlora_lab" else (host > 13.5), row
     out = dry_run(capsys, "--set", "memory_config=llama-33b", "--backend", "qlora_lab")
     row = next(line.split() for line in out.splitlines() if line.startswith("qlora_lab"))
-    # LLaMA-33B: 25.9 GB with float32 adapters and dropout's activations, just over a 24 GB card (25.8e9 bytes).
-    assert row[-6:] == ["no", "no", "no", "fits", "fits", "fits"], row
+    # LLaMA-33B: a 25.2 GB peak with float32 adapters and dropout's activations, just inside a 24 GB card
+    # (25.77e9 bytes); the five parts added up (25.9 GB) would not be.
+    assert float(row[-10]) > 25.0 and row[-6:] == ["no", "no", "fits", "fits", "fits", "fits"], row
 
 
 @pytest.mark.parametrize("hub_id, name, parameters", [
@@ -208,7 +209,7 @@ def test_dry_run_of_today_s_7b_models_reads_their_shipped_configs_offline(capsys
     assert '"memory_config": null' in out  # the preset's LLaMA-7B stand-in is dropped for another model
     table = out[out.index(f"what each backend needs for {name} on cuda:"):].splitlines()
     row = table[3].split()
-    assert row[0] == "qlora_lab" and 7.0 < float(row[-10]) < 10.0, row
+    assert row[0] == "qlora_lab" and 6.0 < float(row[-10]) < 10.0, row
     assert row[-6:] == ["fits"] * 6, row  # the recipe's batch 1 x 512 fits a 12 GB card
     readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
     assert f"{hub_id.split('/')[1].removesuffix('-Instruct')} {row[-10]} GB" in " ".join(readme.split())
