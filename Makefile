@@ -167,11 +167,11 @@ gpu-smoke: $(STAMP)
 	rm -rf runs/gpu-smoke
 	$(BIN)/python -m qlora_lab gpu-smoke --model $(GPU_MODEL) --steps $(GPU_SMOKE_STEPS) --out runs/gpu-smoke
 
-# For anyone with a CUDA GPU, offline (no model download): random models with the layer
-# shapes of LLaMA-7B, Mistral-7B and Qwen2.5-7B, two layers deep, finetuned 30 steps with
+# For anyone with a CUDA GPU, offline (no model download): random checkpoints of LLaMA-7B
+# and Qwen2.5-7B finetuned 30 steps, Mistral- and Qwen2-shaped two-layer ones 2 steps with
 # each backend: NF4 bits against the CPU's, peak memory against the dry run, the loss, paged
-# states, the adapter reloaded in peft (qlora_lab/runs/gpu_check.py). Results in
-# runs/gpu-check/results.json. Without a GPU it says so and exits 0, checking nothing.
+# states, the adapter reloaded in peft (qlora_lab/runs/gpu_check.py; about 16 GB of disk).
+# Results in runs/gpu-check/results.json. Without a GPU it says so and exits 0, checking nothing.
 gpu-check: $(STAMP)
 	$(BIN)/python -m qlora_lab gpu-check --out runs/gpu-check
 

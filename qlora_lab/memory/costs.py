@@ -153,8 +153,7 @@ class MemoryEstimate:
         activation, no gradient yet) or in the optimizer step (every
         gradient, plus the optimizer's scratch memory): ``weights + adapters
         + optimizer + max(activations, gradients + optimizer_temporaries)``.
-        This is what
-        :func:`qlora_lab.memory.measured_step.measure_training_step` measures."""
+        :func:`qlora_lab.memory.measured_step.measure_training_step` measures it."""
         return self.weights + self.adapters + self.optimizer + max(
             self.activations, self.gradients + self.optimizer_temporaries)
 

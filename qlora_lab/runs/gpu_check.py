@@ -1,31 +1,37 @@
-"""``make gpu-check``: the 7B path on one GPU, offline, in about ten minutes.
+"""``make gpu-check``: the 7B path on one GPU, offline.
 
 ``make gpu-smoke`` needs a downloaded 7B model; this check needs nothing from the
-hub. It builds random models with the exact layer shapes of today's 7B models,
-two decoder layers deep (every linear layer, the embedding and the output layer
-at full size; a 7B model repeats the layer 28 to 32 times), writes each as a
-model directory, and asserts what the course claims for a GPU:
+hub. It writes random checkpoints with the exact shapes of today's 7B models
+(:func:`qlora_lab.support.checkpoints.write_random_checkpoint`, one tensor at a
+time, with the course's tiny chat tokenizer beside them), finetunes each with
+``train`` (what ``python -m qlora_lab finetune`` runs), and asserts what the course
+claims for a GPU:
 
 1. **Bits.** NF4 with double quantization of sample 7B layers (bfloat16 on the
-   GPU) gives the same bytes and block constants as the course's quantization of
-   the same weights on the CPU, and bitsandbytes' CUDA kernel gives the same bytes.
-2. **A run per shape and backend** (``train``, exactly what ``python -m qlora_lab
-   finetune --max-steps N`` runs), on a LLaMA-7B-, a Mistral-7B- (8 key/value
-   heads, 14,336 wide) and a Qwen2.5-7B-shaped model (biases on q, k, v; a
-   152,064-token vocabulary), with both backends, 30 steps on one fixed batch:
-   the loss falls; the peak GPU memory PyTorch allocated is within 10% of
-   ``--dry-run``'s estimate of it (:func:`~qlora_lab.finetune.plan.run_estimate`
-   without the Adam states, which bitsandbytes keeps in unified memory); the
-   optimizer's states are paged; tokens per second.
-3. **A 24 GB card.** On a larger GPU every run is capped at 24 GB
-   (``torch.cuda.set_per_process_memory_fraction``); one step is repeated with
-   ``torch.cuda.set_sync_debug_mode`` to count the host-device syncs it makes.
-4. **The adapter** reloads in stock peft on the base that transformers quantizes
-   with bitsandbytes, and gives the trained model's logits (bfloat16 rounding).
+   GPU) gives the same bytes, block constants and dequantized values as the
+   course's quantization of the same weights on the CPU, and bitsandbytes' CUDA
+   kernel gives the same bytes.
+2. **Whole 7B models**, LLaMA-7B (32 layers; the course's own backend) and
+   Qwen2.5-7B (28 layers, biases on q, k, v, a 152,064-token vocabulary;
+   bitsandbytes'), 30 steps on one fixed batch: the loss falls; the peak GPU
+   memory PyTorch allocated is within 10% of ``--dry-run``'s estimate of it
+   (:func:`~qlora_lab.finetune.plan.run_estimate`'s step peak without the Adam
+   states, which bitsandbytes keeps in unified memory); the optimizer's states
+   are paged; tokens per second.
+3. **Both backends** on Mistral-7B- (8 key/value heads, 14,336 wide) and
+   Qwen2.5-7B-shaped models two decoder layers deep, 2 steps each.
+4. **A 24 GB card.** On a larger GPU every run is capped at 24 GB
+   (``torch.cuda.set_per_process_memory_fraction``); one forward and backward is
+   repeated under ``torch.cuda.set_sync_debug_mode`` to count its host-device syncs.
+5. **The adapter** reloads in stock peft on the base that transformers quantizes
+   with bitsandbytes, and gives the trained model's logits (to the compute
+   dtype's rounding).
 
 Everything goes to ``runs/gpu-check/results.json``; a failed check exits 1 and
-says which. Without CUDA the command says so and exits 0, claiming nothing.
-``--device cpu --tiny`` runs the same code at tiny width on a CPU, without the
+says which. Without CUDA the command says so and exits 0, claiming nothing. The
+checkpoints need about 16 GB of free disk (``--dir``; one at a time). Designed
+for about ten minutes on one GPU; never run on one (the README says so).
+``--device cpu --tiny`` runs the same code on tiny shapes on a CPU, without the
 GPU-only measurements: the course's tests do.
 """
 
@@ -42,20 +48,42 @@ import torch
 
 CAP_BYTES = 24 * 10**9
 PEAK_TOLERANCE = 0.10
-SHAPED_LIKE = {"llama-7b": "llama", "mistral-7b-v0.3": "mistral", "qwen2.5-7b": "qwen2"}  # shipped config -> family
-TINY_SIZES = {"llama": {}, "mistral": {"num_key_value_heads": 1}, "qwen2": {"intermediate_size": 384}}
+RUNS = (  # (shipped config, decoder layers: None for all, backend, steps: None for --steps)
+    ("llama-7b", None, "qlora_lab", None), ("qwen2.5-7b", None, "bitsandbytes", None),
+    ("mistral-7b-v0.3", 2, "qlora_lab", 2), ("mistral-7b-v0.3", 2, "bitsandbytes", 2),
+    ("qwen2.5-7b", 2, "qlora_lab", 2), ("qwen2.5-7b", 2, "bitsandbytes", 2))
+TINY = {"hidden_size": 128, "intermediate_size": 256, "num_attention_heads": 4, "num_key_value_heads": 2,
+        "head_dim": 32, "vocab_size": 384, "num_hidden_layers": 2}
 
 
-def full_width_sizes(shipped: str) -> dict:
-    """The layer shapes of a shipped config (``qlora_lab/configs/``), for a model
-    two decoder layers deep."""
-    from qlora_lab.support.model_config import config_value, read_model_config
+def checkpoint_config(shipped: str, layers: int | None, tiny: bool):
+    """The transformers config of a shipped model (``qlora_lab/configs/``), cut to
+    ``layers`` decoder layers, or at tiny width (``tiny``) for a CPU."""
+    from qlora_lab.support.model_config import read_model_config
 
-    config = read_model_config(shipped)
-    heads = config_value(config, "num_attention_heads")
-    return {"hidden_size": config.hidden_size, "intermediate_size": config.intermediate_size,
-            "num_attention_heads": heads, "num_key_value_heads": config_value(config, "num_key_value_heads", heads),
-            "head_dim": config.hidden_size // heads, "vocab_size": config.vocab_size}
+    fields = read_model_config(shipped).to_dict()
+    if layers is not None:
+        fields["num_hidden_layers"] = layers
+    if tiny:
+        fields.update(TINY)
+    depth = fields["num_hidden_layers"]
+    if fields.get("layer_types"):  # Qwen2 names each layer's attention; keep as many as there are layers
+        fields["layer_types"] = fields["layer_types"][:depth]
+    if fields.get("max_window_layers") is not None:  # Qwen2's sliding-window layer count
+        fields["max_window_layers"] = depth
+    config = read_model_config(fields)
+    return config
+
+
+def write_checkpoint(shipped: str, layers: int | None, tiny: bool, directory: Path) -> Path:
+    """A random checkpoint of the shipped model with the tiny chat tokenizer."""
+    from qlora_lab.models.tiny import tiny_chat_tokenizer
+    from qlora_lab.support.checkpoints import write_random_checkpoint
+
+    write_random_checkpoint(checkpoint_config(shipped, layers, tiny), directory,
+                            dtype=torch.float32 if tiny else torch.bfloat16)
+    tiny_chat_tokenizer().save_pretrained(directory)
+    return directory
 
 
 BACKENDS = ("qlora_lab", "bitsandbytes")
@@ -67,6 +95,8 @@ def add_arguments(parser) -> None:
     parser.add_argument("--device", choices=("cuda", "cpu"), default="cuda",
                         help="cpu runs the same code without the GPU measurements (with --tiny: the tests)")
     parser.add_argument("--tiny", action="store_true", help="tiny widths instead of the 7B models' (a quick run)")
+    parser.add_argument("--dir", help="where the random checkpoints are written, one at a time (about 16 GB; "
+                        "default: the system's temporary directory)")
 
 
 def check_bits(device: torch.device, shapes: dict[str, tuple[int, int]], seed: int = 0) -> dict:
@@ -124,7 +154,7 @@ def check_run(model_dir: Path, data_dir: Path, backend: str, steps: int, device:
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    from qlora_lab.finetune.backends import bitsandbytes_config
+    from qlora_lab.finetune.backends import bitsandbytes_config, compute_dtype
     from qlora_lab.finetune.plan import run_estimate
     from qlora_lab.finetune.train import preset, train
 
@@ -133,18 +163,20 @@ def check_run(model_dir: Path, data_dir: Path, backend: str, steps: int, device:
     # code than bitsandbytes' (chapter 03), so the base peft reloads would not be the one
     # the course's layers trained on: that backend runs without it (check_bits covers it).
     double_quant = backend == "bitsandbytes"
+    no_bf16 = device.type == "cuda" and not torch.cuda.is_bf16_supported()  # a T4: float16, as chapter 07 does
     config = preset(name, model=str(model_dir), backend=backend, data=str(data_dir), double_quant=double_quant,
-                    max_steps=steps, batch_size=4,
-                    gradient_accumulation_steps=1, max_length=256, warmup_ratio=0.0, learning_rate=1e-3, eval_every=steps,
-                    save_every=steps, eval_examples=4, eval_batch_size=4, lora_dropout=0.0, memory_config=None)
+                    max_steps=steps, batch_size=4, gradient_accumulation_steps=1, max_length=256, warmup_ratio=0.0,
+                    learning_rate=1e-3, eval_every=steps, save_every=steps, eval_examples=4, eval_batch_size=4,
+                    lora_dropout=0.0, memory_config=None, **({"compute_dtype": "float16"} if no_bf16 else {}))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the preflight's epochs warning: one batch, on purpose
         result = train(config, out, progress="none")
     losses = result.losses()
     tokens = sum(h["tokens"] for h in result.history[1:])
     seconds = sum(h["seconds"] for h in result.history[1:])
-    row = {"losses": [round(x, 4) for x in losses], "loss_falls": losses[-1] < losses[0] - 0.05,
-           "tokens_per_second": round(tokens / seconds, 1) if seconds else None}
+    row = {"losses": [round(x, 4) for x in losses], "tokens_per_second": round(tokens / seconds, 1) if seconds else None}
+    if steps >= 10:  # a short run shows that the path works; a long one on one batch must learn it
+        row["loss_falls"] = losses[-1] < losses[0] - 0.05
     metrics = json.loads((out / "metrics.json").read_text())
     if device.type == "cuda":
         estimate = run_estimate(config)
@@ -156,14 +188,17 @@ def check_run(model_dir: Path, data_dir: Path, backend: str, steps: int, device:
         batch = torch.randint(0, 300, (4, 256), device=device)
         model = result.model.train()
         row["syncs_per_forward_backward"] = count_syncs(lambda: model(batch, labels=batch).loss.backward())
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    dtype = compute_dtype(config, device)  # the base is reloaded as the run computed: bfloat16 on a GPU
     base = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype, device_map={"": device.index or 0}
                                                 if device.type == "cuda" else None,
                                                 quantization_config=bitsandbytes_config("nf4", double_quant, dtype))
-    reloaded = PeftModel.from_pretrained(base, out / "adapter").eval()
+    # On a CPU with AVX-512 BF16, bitsandbytes repacks a 4-bit layer for a bfloat16 kernel
+    # when it runs in eval mode without gradients; train mode (no dropout anywhere here)
+    # keeps the compute-dtype path both runs trained with. A GPU has one path.
+    reloaded = PeftModel.from_pretrained(base, out / "adapter").train(device.type == "cpu")
     ids = torch.tensor([[1, 17, 230, 300, 9, 42]], device=device)
     with torch.no_grad():
-        expected = result.model.eval()(ids).logits.float()
+        expected = result.model.train(device.type == "cpu")(ids).logits.float()
         got = reloaded(ids).logits.float()
     # bitsandbytes' layer rounds the adapter's output to the compute dtype before adding it,
     # the course's layer adds first and rounds once: a few units of its last place.
@@ -173,9 +208,13 @@ def check_run(model_dir: Path, data_dir: Path, backend: str, steps: int, device:
     return row
 
 
-def run(out_dir: str | Path = "runs/gpu-check", steps: int = 30, device: str = "cuda", tiny: bool = False) -> dict:
-    """All the checks; writes ``results.json`` in ``out_dir`` and returns it."""
-    from qlora_lab.models.tiny import write_tiny_chat_model
+def run(out_dir: str | Path = "runs/gpu-check", steps: int = 30, device: str = "cuda", tiny: bool = False,
+        work_dir: str | Path | None = None) -> dict:
+    """All the checks; writes ``results.json`` in ``out_dir`` and returns it.
+    The checkpoints go to a temporary directory in ``work_dir``, one at a time."""
+    import shutil
+
+    from qlora_lab.support.model_config import count_parameters
 
     device = torch.device(device)
     out_dir = Path(out_dir)
@@ -188,28 +227,32 @@ def run(out_dir: str | Path = "runs/gpu-check", steps: int = 30, device: str = "
         if total > CAP_BYTES:
             torch.cuda.set_per_process_memory_fraction(CAP_BYTES / total, device)
             results["capped_at_gb"] = CAP_BYTES / 1e9
-    if tiny:
-        shapes = {"q_proj": (128, 128), "down_proj": (128, 256)}
-    else:
-        llama, mistral, qwen = (full_width_sizes(name) for name in SHAPED_LIKE)
-        shapes = {"llama-7b q_proj": (llama["hidden_size"],) * 2,
-                  "llama-7b down_proj": (llama["hidden_size"], llama["intermediate_size"]),
-                  "mistral-7b up_proj": (mistral["intermediate_size"], mistral["hidden_size"]),
-                  "qwen2.5-7b gate_proj": (qwen["intermediate_size"], qwen["hidden_size"])}
+    llama, mistral, qwen = (checkpoint_config(name, None, tiny) for name in ("llama-7b", "mistral-7b-v0.3", "qwen2.5-7b"))
+    shapes = {"llama-7b q_proj": (llama.hidden_size,) * 2,
+              "llama-7b down_proj": (llama.hidden_size, llama.intermediate_size),
+              "mistral-7b up_proj": (mistral.intermediate_size, mistral.hidden_size),
+              "qwen2.5-7b gate_proj": (qwen.intermediate_size, qwen.hidden_size)}
     started = time.perf_counter()
     results["bits"] = check_bits(device, shapes)
-    with tempfile.TemporaryDirectory() as tmp:
+    with tempfile.TemporaryDirectory(prefix="qlora-lab-gpu-check-", dir=work_dir) as tmp:
         data_dir = fixed_batch_data(Path(tmp) / "data", 4)
-        for name, architecture in SHAPED_LIKE.items():
-            sizes = TINY_SIZES[architecture] if tiny else full_width_sizes(name)
-            model_dir = write_tiny_chat_model(Path(tmp) / name, architecture=architecture,
-                                              dtype=torch.float32 if tiny else torch.bfloat16, **sizes)
-            for backend in BACKENDS:
-                print(f"{name} with {backend}: {steps} steps", flush=True)
-                results["runs"][f"{name} {backend}"] = check_run(model_dir, data_dir, backend, steps, device,
-                                                                 out_dir / name / backend)
+        for shipped, layers in dict.fromkeys((name, layers) for name, layers, _, _ in RUNS):
+            needed = 2 * count_parameters(checkpoint_config(shipped, layers, tiny)).total
+            free = shutil.disk_usage(tmp).free
+            if free < 1.05 * needed:
+                raise OSError(f"the random {shipped} checkpoint needs {needed / 1e9:.1f} GB of disk and "
+                              f"{tmp} has {free / 1e9:.1f} GB free; pass --dir on a larger disk")
+            model_dir = write_checkpoint(shipped, layers, tiny, Path(tmp) / "model")
+            for name, depth, backend, run_steps in RUNS:
+                if (name, depth) != (shipped, layers):
+                    continue
+                label = f"{name} {'all' if depth is None else depth} layers {backend}"
+                print(f"{label}: {run_steps or steps} steps", flush=True)
+                results["runs"][label] = check_run(model_dir, data_dir, backend, run_steps or steps, device,
+                                                   out_dir / label.replace(" ", "-"))
                 if device.type == "cuda":
                     torch.cuda.empty_cache()
+            shutil.rmtree(model_dir)
     results["seconds"] = round(time.perf_counter() - started, 1)
     results["failed"] = failures(results)
     (out_dir / "results.json").write_text(json.dumps(results, indent=1) + "\n")
@@ -231,7 +274,7 @@ def run_from_args(args) -> int:
         print("gpu-check needs a CUDA GPU and this machine has none: nothing was checked "
               "(--device cpu --tiny runs the same code here)")
         return 0
-    results = run(args.out, args.steps, args.device, args.tiny)
+    results = run(args.out, args.steps, args.device, args.tiny, args.dir)
     for name, row in results["runs"].items():
         shown = {k: v for k, v in row.items() if k != "losses"}
         print(f"{name}: loss {row['losses'][0]} -> {row['losses'][-1]}; {shown}")

@@ -153,7 +153,7 @@ def test_cli_dry_run_prints_the_recipe_and_the_memory_estimate():
     assert result.returncode == 0, result.stderr
     assert '"learning_rate": 0.0002' in result.stdout and '"r": 64' in result.stdout
     assert "memory estimate for llama-7b" in result.stdout
-    assert "full 16-bit finetuning of the same model would need" in result.stdout
+    assert "full 16-bit finetuning of the same model would peak at about" in result.stdout
 
 
 def test_cli_explains_bad_arguments(tmp_path):

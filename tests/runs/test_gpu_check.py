@@ -19,24 +19,27 @@ def test_without_a_gpu_it_checks_nothing_and_says_so(tmp_path, capsys):
     assert not (tmp_path / "out").exists()
 
 
-def test_the_shapes_are_the_shipped_7b_configs():
-    assert gpu_check.full_width_sizes("mistral-7b-v0.3") == {
-        "hidden_size": 4096, "intermediate_size": 14336, "num_attention_heads": 32, "num_key_value_heads": 8,
-        "head_dim": 128, "vocab_size": 32768}
-    qwen = gpu_check.full_width_sizes("qwen2.5-7b")
-    assert (qwen["hidden_size"], qwen["intermediate_size"], qwen["vocab_size"]) == (3584, 18944, 152064)
-    assert gpu_check.full_width_sizes("llama-7b")["num_key_value_heads"] == 32
+def test_the_checkpoints_have_the_shipped_7b_shapes():
+    mistral = gpu_check.checkpoint_config("mistral-7b-v0.3", 2, tiny=False)
+    assert (mistral.hidden_size, mistral.intermediate_size, mistral.num_attention_heads,
+            mistral.num_key_value_heads, mistral.vocab_size, mistral.num_hidden_layers) == (4096, 14336, 32, 8, 32768, 2)
+    qwen = gpu_check.checkpoint_config("qwen2.5-7b", None, tiny=False)
+    assert (qwen.hidden_size, qwen.intermediate_size, qwen.vocab_size, qwen.num_hidden_layers) == (3584, 18944, 152064,
+                                                                                                  28)
+    assert gpu_check.checkpoint_config("llama-7b", None, tiny=False).num_hidden_layers == 32
+    assert gpu_check.checkpoint_config("qwen2.5-7b", 2, tiny=True).hidden_size == 128
 
 
 def test_the_whole_check_at_tiny_width_on_the_cpu(tmp_path, capsys):
-    assert main(["gpu-check", "--device", "cpu", "--tiny", "--steps", "8", "--out", str(tmp_path)]) == 0
-    results = json.loads((tmp_path / "results.json").read_text())
+    assert main(["gpu-check", "--device", "cpu", "--tiny", "--steps", "12", "--out", str(tmp_path / "out"),
+                 "--dir", str(tmp_path)]) == 0
+    results = json.loads((tmp_path / "out" / "results.json").read_text())
     assert results["failed"] == [] and results["device"] == "cpu" and results["width"] == "tiny"
     assert all(all(v for v in row.values() if isinstance(v, bool)) for row in results["bits"].values())
-    assert set(results["runs"]) == {f"{m} {b}" for m in gpu_check.SHAPED_LIKE for b in gpu_check.BACKENDS}
-    for row in results["runs"].values():
-        assert len(row["losses"]) == 8 and row["loss_falls"] and row["reload_same_logits"]
-        assert row["tokens_per_second"] > 0
+    assert set(results["runs"]) == {f"{m} {'all' if n is None else n} layers {b}" for m, n, b, _ in gpu_check.RUNS}
+    for (name, layers, backend, steps), row in zip(gpu_check.RUNS, results["runs"].values()):
+        assert len(row["losses"]) == (steps or 12) and row["reload_same_logits"] and row["tokens_per_second"] > 0
+        assert row["loss_falls"] if steps is None else "loss_falls" not in row  # 2 steps prove the path only
     assert "0 failed check(s)" in capsys.readouterr().out
 
 
