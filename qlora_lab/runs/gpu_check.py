@@ -157,6 +157,7 @@ def check_run(model_dir: Path, data_dir: Path, backend: str, steps: int, device:
     from qlora_lab.finetune.backends import bitsandbytes_config, compute_dtype
     from qlora_lab.finetune.plan import run_estimate
     from qlora_lab.finetune.train import preset, train
+    from qlora_lab.support.bitsandbytes_cpu import keep_compute_dtype_path
 
     name = "llama-7b-gpu" if device.type == "cuda" else "smollm2-cpu"
     # The course's double quantization may round a few block constants to another 8-bit
@@ -192,13 +193,12 @@ def check_run(model_dir: Path, data_dir: Path, backend: str, steps: int, device:
     base = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype, device_map={"": device.index or 0}
                                                 if device.type == "cuda" else None,
                                                 quantization_config=bitsandbytes_config("nf4", double_quant, dtype))
-    # On a CPU with AVX-512 BF16, bitsandbytes repacks a 4-bit layer for a bfloat16 kernel
-    # when it runs in eval mode without gradients; train mode (no dropout anywhere here)
-    # keeps the compute-dtype path both runs trained with. A GPU has one path.
-    reloaded = PeftModel.from_pretrained(base, out / "adapter").train(device.type == "cpu")
+    # keep_compute_dtype_path: on a CPU with AVX-512 BF16 bitsandbytes would switch to a
+    # bfloat16 kernel in eval mode; on a GPU it changes nothing.
+    reloaded = keep_compute_dtype_path(PeftModel.from_pretrained(base, out / "adapter").eval())
     ids = torch.tensor([[1, 17, 230, 300, 9, 42]], device=device)
     with torch.no_grad():
-        expected = result.model.train(device.type == "cpu")(ids).logits.float()
+        expected = keep_compute_dtype_path(result.model.eval())(ids).logits.float()
         got = reloaded(ids).logits.float()
     # bitsandbytes' layer rounds the adapter's output to the compute dtype before adding it,
     # the course's layer adds first and rounds once: a few units of its last place.

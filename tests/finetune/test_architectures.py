@@ -17,6 +17,7 @@ from qlora_lab.finetune.backends import bitsandbytes_config
 from qlora_lab.finetune.train import preset, train
 from qlora_lab.models.tiny import TINY_ARCHITECTURES, write_tiny_chat_model
 from qlora_lab.qlora import LinearNF4
+from qlora_lab.support.bitsandbytes_cpu import keep_compute_dtype_path
 
 BACKENDS = ("qlora_lab", "bitsandbytes")
 LINEAR_LAYERS = 2 * 7  # two blocks of q, k, v, o, gate, up, down
@@ -58,10 +59,11 @@ def test_each_architecture_finetunes_in_4_bits_and_reloads_in_stock_peft(archite
 
     base = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32,
                                                 quantization_config=bitsandbytes_config("nf4", False, torch.float32))
-    reloaded = PeftModel.from_pretrained(base, tmp_path / "adapter").eval()
+    # On a CPU with AVX-512 BF16 bitsandbytes would switch to a bfloat16 kernel in eval mode.
+    reloaded = keep_compute_dtype_path(PeftModel.from_pretrained(base, tmp_path / "adapter").eval())
     ids = torch.tensor([[1, 17, 230, 300, 9, 42]])
     with torch.no_grad():
-        expected = result.model.eval()(ids).logits
+        expected = keep_compute_dtype_path(result.model.eval())(ids).logits
         got = reloaded(ids).logits
     # The same 4-bit weights, the same adapter; the two backends' layers order the
     # float operations alike, so the logits agree to float32 rounding at most.
