@@ -29,8 +29,8 @@ claims for a GPU:
 
 Everything goes to ``runs/gpu-check/results.json``; a failed check exits 1 and
 says which. Without CUDA the command says so and exits 0, claiming nothing. The
-checkpoints need about 16 GB of free disk (``--dir``; one at a time). Designed
-for about ten minutes on one GPU; never run on one (the README says so).
+checkpoints need about 16 GB of free disk (``--dir``; one at a time). Never run
+on a GPU, so never timed on one (the README says so).
 ``--device cpu --tiny`` runs the same code on tiny shapes on a CPU, without the
 GPU-only measurements: the course's tests do.
 """
@@ -71,8 +71,7 @@ def checkpoint_config(shipped: str, layers: int | None, tiny: bool):
         fields["layer_types"] = fields["layer_types"][:depth]
     if fields.get("max_window_layers") is not None:  # Qwen2's sliding-window layer count
         fields["max_window_layers"] = depth
-    config = read_model_config(fields)
-    return config
+    return read_model_config(fields)
 
 
 def write_checkpoint(shipped: str, layers: int | None, tiny: bool, directory: Path) -> Path:
@@ -84,9 +83,6 @@ def write_checkpoint(shipped: str, layers: int | None, tiny: bool, directory: Pa
                             dtype=torch.float32 if tiny else torch.bfloat16)
     tiny_chat_tokenizer().save_pretrained(directory)
     return directory
-
-
-BACKENDS = ("qlora_lab", "bitsandbytes")
 
 
 def add_arguments(parser) -> None:
