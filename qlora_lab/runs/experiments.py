@@ -25,7 +25,7 @@ import torch
 
 from qlora_lab.finetune import data as data_lib
 from qlora_lab.finetune import evaluate
-from qlora_lab.support.resources import EXPERIMENT_RESULTS
+from qlora_lab.support.resources import EXPERIMENT_RESULTS, datasets_path
 
 
 def score_split(model, tokenizer, records: list[dict], per_task: int | None) -> dict:
@@ -37,6 +37,19 @@ def score_split(model, tokenizer, records: list[dict], per_task: int | None) -> 
             "per_task": {t: {"correct": c, "total": n} for t, (c, n) in report.per_task.items()},
             "samples": [{"task": t, "prediction": p, "answer": a}
                         for t, p, a in list(zip(report.tasks, report.predictions, report.answers))[:8]]}
+
+
+def portable_config(config) -> dict:
+    """The run's configuration as JSON, with the data set named by its path
+    inside the course's ``datasets/`` (``datasets/qlora_lab_instruct``) rather
+    than this machine's absolute path, so the committed file reads the same
+    on every clone."""
+    record = dataclasses.asdict(config)
+    data = Path(record["data"]).resolve()
+    root = datasets_path().resolve()
+    if data.is_relative_to(root):
+        record["data"] = str(Path("datasets") / data.relative_to(root))
+    return record
 
 
 def committed_results() -> dict:
@@ -70,7 +83,7 @@ def run(steps: int = 300, out_dir: str | Path = "runs/experiments", results: str
                        progress="log")
         seconds = time.perf_counter() - started
         summary["runs"][method] = {
-            "config": dataclasses.asdict(config),
+            "config": portable_config(config),
             "seconds": seconds,
             "train_loss": [h["loss"] for h in result.history],
             "evaluations": result.evaluations,

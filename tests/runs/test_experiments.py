@@ -19,6 +19,7 @@ def test_a_short_run_of_both_methods_writes_every_field(tiny_smollm2, tmp_path):
         assert run["test"]["total"] == summary["before"]["total"] > 0
         assert run["seconds"] > 0 and run["evaluations"]
     assert summary["steps"] == 2 and summary["threads"] >= 1
+    assert all(run["config"]["data"] == "datasets/qlora_lab_instruct" for run in summary["runs"].values())
     assert len(list((tmp_path / "runs").iterdir())) == 2  # one run directory per method
 
 
@@ -34,3 +35,13 @@ def test_the_committed_results_hold_both_methods_trained_as_long():
     for run in summary["runs"].values():
         assert len(run["train_loss"]) == summary["steps"] == run["config"]["max_steps"]
         assert run["test"]["total"] == summary["before"]["total"]
+
+
+def test_the_committed_results_come_from_the_current_recipe():
+    """Written by today's layout: the recipe's field names (``r``, not the
+    older ``lora_r``) and a data path that does not name the machine it ran on."""
+    from qlora_lab.finetune.recipe import preset
+    fields = set(experiments.portable_config(preset("smollm2-cpu", method="qlora")))
+    for run in experiments.committed_results()["runs"].values():
+        assert set(run["config"]) == fields
+        assert run["config"]["data"] == "datasets/qlora_lab_instruct"
