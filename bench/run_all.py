@@ -52,8 +52,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help=f"benchmarks not to run ({', '.join(BENCHMARKS)})")
     parser.add_argument("--threads", type=_shared.positive_int, default=None,
                         help="torch threads for every benchmark (default: PyTorch's choice)")
-    parser.add_argument("--quantize-size", type=_shared.positive_int, default=4096,
-                        help="quantize.py --size (default 4096)")
+    parser.add_argument("--quantize-shapes", nargs="+", default=None, metavar="ROWSxCOLUMNS",
+                        help="quantize.py --shapes (default: its table of the course's and a 7B model's shapes)")
     parser.add_argument("--quantize-runs", type=_shared.positive_int, default=21,
                         help="quantize.py --runs (default 21)")
     parser.add_argument("--model", default="smollm2", help="train_step.py --model (default smollm2)")
@@ -101,8 +101,8 @@ def run_benchmarks(args, workdir: Path) -> dict[str, dict]:
     train_step = ["train_step.py", "--model", args.model, "--batch", str(args.batch),
                   "--seq-len", str(args.seq_len), "--steps", str(args.steps), *_threads(args)]
     commands = {
-        "quantize": ["quantize.py", "--size", str(args.quantize_size), "--runs", str(args.quantize_runs),
-                     *_threads(args)],
+        "quantize": ["quantize.py", *(["--shapes", *args.quantize_shapes] if args.quantize_shapes else []),
+                     "--runs", str(args.quantize_runs), *_threads(args)],
         "train_step": train_step,
         # Part of "train_step": the throughput ratio of record (see its section).
         "train_step_turns": [*train_step, "--variants", "qlora_lab", "bitsandbytes", "--interleave"],

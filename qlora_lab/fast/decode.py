@@ -90,17 +90,25 @@ def new_output(numel: int, dtype: torch.dtype, device: torch.device) -> torch.Te
 
 
 def decode_packed(packed: torch.Tensor, absmax: torch.Tensor, code: torch.Tensor, blocksize: int, n: int,
-                  dtype: torch.dtype) -> torch.Tensor:
+                  dtype: torch.dtype, out: torch.Tensor | None = None) -> torch.Tensor:
     """``code[nibble] * absmax[block]`` for the ``n`` values packed in
     ``packed`` (high nibble first), in float32, rounded once to ``dtype``;
-    a 1-D tensor of ``n`` values."""
+    a 1-D tensor of ``n`` values, written into ``out`` if it is given (a
+    contiguous tensor of ``n`` values of ``dtype`` on ``packed``'s device,
+    reused from call to call: no fresh memory to map)."""
     flat = packed.reshape(-1)
     absmax = absmax.float()
     device = flat.device
     pairs = byte_pair_table(code) if device.type == "cpu" else device_byte_pair_table(code.to(device))
     # float32 is decoded straight into the output, two values per byte: one
-    # padding value when n is odd.
-    out = new_output(2 * flat.numel() if dtype == torch.float32 else n, dtype, device)
+    # padding value when n is odd, which a given `out` has no room for.
+    if out is None:
+        out = new_output(2 * flat.numel() if dtype == torch.float32 else n, dtype, device)
+    else:
+        check_output(out, n, dtype, device)
+        if dtype == torch.float32 and n % 2:
+            return out.view(-1).copy_(decode_packed(packed, absmax, code, blocksize, n, dtype))
+        out = out.view(-1)
     if device.type != "cpu" or flat.numel() < PARALLEL_MIN_BYTES:
         # One thread, one step: PyTorch's own threads share the copy and the
         # multiplication, and there is no per-step overhead.
@@ -130,6 +138,17 @@ def decode_packed(packed: torch.Tensor, absmax: torch.Tensor, code: torch.Tensor
         if helper.error is not None:
             raise helper.error
     return out[:n]
+
+
+def check_output(out: torch.Tensor, n: int, dtype: torch.dtype, device: torch.device) -> None:
+    """ValueError/TypeError unless ``out`` can hold the ``n`` decoded values."""
+    if not isinstance(out, torch.Tensor):
+        raise TypeError(f"out must be a torch.Tensor, got {type(out).__name__}")
+    if out.numel() != n or out.dtype != dtype or out.device != device or not out.is_contiguous():
+        raise ValueError(f"out must be a contiguous {str(dtype).removeprefix('torch.')} tensor of {n} values on "
+                         f"{device}, got a {'' if out.is_contiguous() else 'non-contiguous '}"
+                         f"{str(out.dtype).removeprefix('torch.')} tensor of {out.numel()} values on {out.device}; "
+                         f"allocate it once with torch.empty(state.shape, dtype=state.dtype, device=packed.device)")
 
 
 def run_catching(fn, *args) -> None:

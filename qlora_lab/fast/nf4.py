@@ -51,11 +51,13 @@ def quantize_4bit(x: torch.Tensor, blocksize: int = 64, quant_type: str = "nf4",
     return packed, nf4.make_state(x, absmax, blocksize, quant_type, double_quant)
 
 
-def dequantize_4bit(packed: torch.Tensor, state: QuantState) -> torch.Tensor:
-    """:func:`qlora_lab.quant.nf4.dequantize_4bit` by :func:`~qlora_lab.fast.decode.decode_packed`."""
+def dequantize_4bit(packed: torch.Tensor, state: QuantState, out: torch.Tensor | None = None) -> torch.Tensor:
+    """:func:`qlora_lab.quant.nf4.dequantize_4bit` by :func:`~qlora_lab.fast.decode.decode_packed`;
+    into ``out`` (``state.shape``, ``state.dtype``) if it is given, as
+    bitsandbytes' ``dequantize_4bit(..., out=)`` does."""
     nf4.check_dequantize_4bit_arguments(packed, state)
     return decode_packed(packed, state.block_absmax(), state.code, state.blocksize, state.numel,
-                         state.dtype).view(state.shape)
+                         state.dtype, out=out).view(state.shape)
 
 
 def absmax_4bit(x: torch.Tensor, blocksize: int) -> torch.Tensor:

@@ -171,6 +171,10 @@ def test_fast_quantize_and_dequantize_equal_the_definitions(dtype, quant_type, c
                 fast_values = fast_nf4.dequantize_4bit(packed, state)
                 assert fast_values.dtype == values.dtype and fast_values.shape == values.shape
                 assert torch.equal(fast_values.view(torch.uint8), values.view(torch.uint8))  # the bits, -0.0 too
+                reused = torch.full(state.shape, float("nan"), dtype=state.dtype)
+                written = fast_nf4.dequantize_4bit(packed, state, out=reused)
+                assert written.data_ptr() == reused.data_ptr()  # into the given buffer (odd sizes too)
+                assert torch.equal(reused.view(torch.uint8), values.view(torch.uint8))
 
 
 @pytest.mark.parametrize("dtype", FLOATS, ids=str)
@@ -368,3 +372,14 @@ def test_lora_linear_trains_with_the_fast_add():
     import qlora_lab.lora.layer
 
     assert qlora_lab.lora.layer.add_scaled_update is qlora_lab.fast.lora.add_scaled_update
+
+
+def test_an_output_buffer_that_does_not_fit_is_refused_with_what_to_allocate():
+    packed, state = nf4.quantize_4bit(torch.randn(8, 64))
+    for wrong, says in ((torch.empty(8, 63), "of 512 values"), (torch.empty(8, 64, dtype=torch.float16), "float32"),
+                        (torch.empty(64, 8).t(), "non-contiguous")):
+        with pytest.raises(ValueError, match=says) as error:
+            fast_nf4.dequantize_4bit(packed, state, out=wrong)
+        assert "torch.empty(state.shape" in str(error.value)
+    with pytest.raises(TypeError, match="out must be a torch.Tensor"):
+        fast_nf4.dequantize_4bit(packed, state, out=[0.0] * 512)

@@ -508,9 +508,14 @@ def test_benchmark_script_runs_small():
     from pathlib import Path
 
     script = Path(__file__).resolve().parents[2] / "bench" / "quantize.py"
-    done = subprocess.run([sys.executable, str(script), "--size", "64", "--runs", "1", "--no-compile"],
-                          capture_output=True, text=True, timeout=120)
+    done = subprocess.run([sys.executable, str(script), "--shapes", "64x64", "33x7", "--runs", "1", "--definitions",
+                           "--no-compile"], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
-    assert "quantize" in done.stdout and "dequantize" in done.stdout and "ratio" in done.stdout
+    for text in ("quantize", "dequantize into a fresh output", "dequantize into a reused output", "| 64 x 64 |",
+                 "| 33 x 7 |", "ratio fast", "ratio readable", "fast / floor"):
+        assert text in done.stdout
     bad = subprocess.run([sys.executable, str(script), "--size", "0"], capture_output=True, text=True, timeout=120)
     assert bad.returncode == 2 and "positive integer" in bad.stderr
+    bad = subprocess.run([sys.executable, str(script), "--shapes", "576by1536"], capture_output=True, text=True,
+                         timeout=120)
+    assert bad.returncode == 2 and "write ROWSxCOLUMNS" in bad.stderr

@@ -173,7 +173,7 @@ def tiny_run(run_all, tiny_dir, tiny_config, tmp_path_factory):
     out = tmp_path_factory.mktemp("bench-run")
     code = run_all.main([
         "--output", str(out / "RESULTS.md"), "--json-dir", str(out), "--threads", "1",
-        "--quantize-size", "256", "--quantize-runs", "1",
+        "--quantize-shapes", "64x128", "--quantize-runs", "1",
         "--model", tiny_dir, "--batch", "2", "--seq-len", "16", "--steps", "1",
         "--config", tiny_config, "--seven-b-seq-len", "16",
     ])
@@ -185,7 +185,7 @@ def test_run_all_writes_a_results_page(tiny_run):
     assert code == 0
     page = (out / "RESULTS.md").read_text()
     for text in ("# Benchmark results", "- Machine:", "- Versions:", "torch 2.13.0", "bitsandbytes 0.50.2",
-                 "## 1. 4-bit quantize", "ratio fast", "## 2. A QLoRA training step", "| qlora_lab (",
+                 "## 1. 4-bit quantize", "ratio fast", "| 64 x 128 |", "fast / floor", "## 2. A QLoRA training step", "| qlora_lab (",
                  "| transformers `BitsAndBytesConfig` + peft |", "| 16-bit LoRA", "**throughput",
                  "## 3. One QLoRA training step", "measured above the runtime / estimate",
                  "estimate for full 16-bit finetuning", "## 4. The same 7B step with 8-bit AdamW states",
