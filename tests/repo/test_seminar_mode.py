@@ -227,3 +227,94 @@ def test_the_guide_repeats_each_chapters_takeaways_and_talk_minutes(path):
     assert row, f"TEACHING.md has no talk time for chapter {chapter_id(path)}"
     assert int(row.group(1)) == minutes, (
         f"TEACHING.md gives chapter {chapter_id(path)} {row.group(1)} min, its speaker notes add up to {minutes}")
+
+
+ANSWERS = NOTEBOOKS / "ANSWERS.md"
+PATHS = ("## The 90-minute path", "## The half-day path", "## The 2½-hour path")
+
+
+def section_label(index: int, heading: str) -> str:
+    """How the guide names a section: "title", "§N", or the heading of an unnumbered one."""
+    if index == 0:
+        return "title"
+    numbered = re.match(r"## (\d+)\. ", heading)
+    return f"§{numbered.group(1)}" if numbered else heading[3:]
+
+
+def speaker_notes(nb: dict) -> list[tuple[str, str, str, int]]:
+    """(label, heading, "Ask the room" question, minutes) of every speaker-notes cell, in order."""
+    heads = sections(nb)
+    bounds = [i for i, _ in heads] + [len(nb["cells"])]
+    found = []
+    for (start, heading), end in zip(heads, bounds[1:]):
+        for cell in nb["cells"][start + 1:end]:
+            if slide_type(cell) == "notes":
+                question = re.search(r"\*\*Ask the room:\*\*(.*?)\*\*Time:\*\*", text(cell), re.S)
+                minutes = sum(int(m) for m in re.findall(r"\*\*Time:\*\* (\d+) min\.", text(cell)))
+                found.append((section_label(start, heading), heading, " ".join(question.group(1).split()), minutes))
+    return found
+
+
+def section_minutes(chapter: str) -> dict[str, int]:
+    path = next(p for p in CHAPTERS if chapter_id(p) == chapter)
+    minutes: dict[str, int] = {}
+    for label, _, _, m in speaker_notes(load(path)):
+        minutes[label] = minutes.get(label, 0) + m
+    return minutes
+
+
+def test_the_answer_key_answers_every_ask_the_room_question():
+    """notebooks/ANSWERS.md: every "Ask the room" question of the notes, verbatim, in the order of the
+    chapters and sections, each followed by an answer."""
+    assert "(ANSWERS.md)" in teaching(), "TEACHING.md does not link the answer key"
+    entry = re.compile(r"(?ms)^### (\d\d)(?: (title|§\d+))? · ([^\n]+)\n\n\*\*Ask the room:\*\* (.+?)\n\n"
+                       r"\*\*Answer\.\*\* (.+?)\s*(?=^## |^### |\Z)")
+    answers = ANSWERS.read_text(encoding="utf-8")
+    entries = [(c, label or heading, " ".join(q.split()), a) for c, label, heading, q, a in entry.findall(answers)]
+    assert len(entries) == answers.count("**Ask the room:**"), "ANSWERS.md has an entry its format does not allow"
+    expected = [(chapter_id(p), label, question) for p in CHAPTERS for label, _, question, _ in speaker_notes(load(p))]
+    for i, (want, got) in enumerate(zip(expected, entries)):
+        assert got[:3] == want, f"ANSWERS.md entry {i + 1}: {got[:3]!r}, the notes have {want!r}"
+        assert len(got[3].split()) >= 5, f"ANSWERS.md entry {i + 1} ({want[0]} {want[1]}) has no real answer"
+    assert len(entries) == len(expected), (
+        f"ANSWERS.md has {len(entries)} entries, the notebooks {len(expected)} 'Ask the room' questions")
+
+
+@pytest.mark.parametrize("heading", PATHS)
+def test_every_path_adds_up(heading):
+    """A path's rows add up to its stated total, and a chapter's row to the notes of the sections it
+    lists (or of every section)."""
+    guide = teaching()
+    assert heading in guide, f"TEACHING.md lacks {heading!r}"
+    start = guide.index(heading)
+    end = guide.find("\n## ", start + 1)
+    part = guide[start:end if end > 0 else len(guide)]
+    rows = [[c.strip() for c in line.strip().strip("|").split("|")] for line in part.splitlines()
+            if re.match(r"\| \d+ \|", line)]
+    stated = re.search(r"(?m)^Total: (\d+) min(?: \((\d+) h (\d+) min)?", part)
+    assert rows and stated, f"{heading}: no table of minutes, or no 'Total: N min' line"
+    assert sum(int(r[0]) for r in rows) == int(stated.group(1)), (
+        f"{heading}: the rows add up to {sum(int(r[0]) for r in rows)} min, the text says {stated.group(1)}")
+    if stated.group(2):
+        assert 60 * int(stated.group(2)) + int(stated.group(3)) == int(stated.group(1)), f"{heading}: hours"
+    for row in rows:
+        chapters = re.findall(r"\b0\d\b", row[1])
+        if not chapters:
+            continue
+        if row[2] == "every section":
+            expected = sum(sum(section_minutes(c).values()) for c in chapters)
+        else:
+            assert len(chapters) == 1, f"{heading}: a row of several chapters must present every section"
+            minutes = section_minutes(chapters[0])
+            listed = ["title" if t == "title" else f"§{n}" for t, n in re.findall(r"\b(title)\b|§(\d+)", row[2])]
+            assert listed and all(s in minutes for s in listed), f"{heading}, {chapters[0]}: {row[2]!r}"
+            expected = sum(minutes[s] for s in listed)
+        assert int(row[0]) == expected, (
+            f"{heading}: chapter {', '.join(chapters)} is given {row[0]} min, its sections' notes add up to {expected}")
+
+
+def test_the_guide_gives_the_whole_talk_time():
+    whole = sum(sum(section_minutes(chapter_id(p)).values()) for p in CHAPTERS)
+    row = re.search(r"(?m)^\| all ten chapters \| (\d+) min \((\d+) h (\d+) min\) \|", teaching())
+    assert row and int(row.group(1)) == whole == 60 * int(row.group(2)) + int(row.group(3)), (
+        f"TEACHING.md's 'all ten chapters' row must say {whole} min")
