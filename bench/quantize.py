@@ -128,7 +128,7 @@ def bnb_takes_out(dequantize) -> bool:
     return True
 
 
-def implementations(x: torch.Tensor, args) -> tuple[dict, dict, dict] | str:
+def implementations(x: torch.Tensor, args, bnb_reuses: bool) -> tuple[dict, dict, dict] | str:
     """The quantizers, the fresh-output and the reused-output dequantizers for
     ``x``, after checking that they agree; a sentence saying which did not."""
     import bitsandbytes.functional as bnbf
@@ -142,7 +142,7 @@ def implementations(x: torch.Tensor, args) -> tuple[dict, dict, dict] | str:
     reused = {"fast": lambda: fast_nf4.dequantize_4bit(packed, state, out=mine),
               "bnb": lambda: bnbf.dequantize_4bit(bnb_packed, bnb_state, out=theirs),
               "floor": lambda: mine.fill_(1)}
-    if not bnb_takes_out(reused["bnb"]):  # bitsandbytes 0.50 has no CPU kernel for out=
+    if not bnb_reuses:  # bitsandbytes 0.50 has no CPU kernel for out=
         reused["bnb"] = lambda: bnbf.dequantize_4bit(bnb_packed, bnb_state)
     if args.definitions:
         quantizers["readable"] = lambda: nf4.quantize_4bit(x, **kwargs)
@@ -189,12 +189,16 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args.threads is not None:
         torch.set_num_threads(args.threads)
+    import bitsandbytes.functional as bnbf
+
     dtype = getattr(torch, args.dtype)
+    bnb_reuses = bnb_takes_out(lambda: bnbf.dequantize_4bit(*bnbf.quantize_4bit(torch.randn(8, 64)),
+                                                            out=torch.empty(8, 64)))
     results: dict[str, list] = {"quantize": [], "fresh": [], "reused": []}
     for rows, columns in args.shapes:
         torch.manual_seed(args.seed)
         x = torch.randn(rows, columns).to(dtype)
-        built = implementations(x, args)
+        built = implementations(x, args, bnb_reuses)
         if isinstance(built, str):
             print(f"error: {built}; not timing", file=sys.stderr)
             return 1
@@ -207,10 +211,6 @@ def main(argv: list[str] | None = None) -> int:
           f"{torch.get_num_threads()} threads, {cpu_name()}, load average {load_average()}\n")
     print(table("quantize", results["quantize"], with_floor=False) + "\n")
     print(table("dequantize into a fresh output (floor: torch.empty(shape).fill_(1))", results["fresh"], True) + "\n")
-    import bitsandbytes.functional as bnbf
-
-    bnb_reuses = bnb_takes_out(lambda: bnbf.dequantize_4bit(*bnbf.quantize_4bit(torch.randn(8, 64)),
-                                                            out=torch.empty(8, 64)))
     print(table("dequantize into a reused output, out= (floor: buffer.fill_(1))"
                 + ("" if bnb_reuses else "; bitsandbytes has no CPU kernel for out=, so its column is its fresh-output "
                                          "call"), results["reused"], True) + "\n")
