@@ -111,10 +111,10 @@ def round_seconds(functions: dict[str, callable], runs: int) -> dict[str, list[f
     return times
 
 
-def ratio_to(times: dict[str, list[float]], name: str, reference: str) -> float:
-    """``reference``'s time over ``name``'s in the same round, the median over
+def ratio_to_bnb(times: dict[str, list[float]], name: str) -> float:
+    """bitsandbytes' time over ``name``'s in the same round, the median over
     the rounds (above 1: ``name`` is faster)."""
-    return statistics.median(paired_ratios(times[name], times[reference]))
+    return statistics.median(paired_ratios(times[name], times["bnb"]))
 
 
 def bnb_takes_out(dequantize) -> bool:
@@ -178,7 +178,7 @@ def table(title: str, rows: list[tuple[str, dict[str, list[float]]]], with_floor
     for shape, times in rows:
         median = {name: statistics.median(t) * 1e3 for name, t in times.items()}
         cells = [shape, *[f"{median[n]:.2f}" for n in names], f"{median['bnb']:.2f}",
-                 *[f"{ratio_to(times, n, 'bnb'):.2f}" for n in names]]
+                 *[f"{ratio_to_bnb(times, n):.2f}" for n in names]]
         if with_floor:
             cells += [f"{median['floor']:.2f}", *[f"{median[n] / median['floor']:.1f}" for n in [*names, "bnb"]]]
         lines.append("| " + " | ".join(cells) + " |")
