@@ -22,13 +22,14 @@ generate with the model's own chat template:
   copied or reloaded. peft calls the same thing ``load_adapter`` /
   ``set_adapter``; the chapter shows the two give the same outputs.
 * :func:`generation_speed`: greedy tokens per second, for the chapter's ledger
-  of what 4 bits cost at inference on a CPU.
+  of what 4 bits cost at inference on a CPU; :func:`cpu_name` says which CPU.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import platform
 import sys
 import time
 from pathlib import Path
@@ -284,3 +285,12 @@ def generation_speed(model, tokenizer, prompt: str = "Write a short story about 
     finally:
         model.train(was_training)
     return new_tokens / best
+
+
+def cpu_name() -> str:
+    """The CPU a speed was measured on: its model name (Linux's /proc/cpuinfo, else
+    what ``platform`` knows) and the kernels torch chose for it (AVX2, AVX512, ...)."""
+    lines = Path("/proc/cpuinfo").read_text().splitlines() if Path("/proc/cpuinfo").is_file() else []
+    name = next((line.split(":", 1)[1].strip() for line in lines if line.startswith("model name")),
+                platform.processor() or platform.machine())
+    return f"{name} (torch kernels {torch.backends.cpu.get_cpu_capability()})"

@@ -4,6 +4,7 @@ Exercise 1: decode a bfloat16 bit pattern into its value by hand.
 Exercise 2: LLM.int8()'s vector-wise int8 matmul (no outliers), from scratch.
 Exercise 3: mixed-precision decomposition with row statistics taken over the
             inlier columns only (a variant of what bitsandbytes does).
+Exercise 4: change the block size, measure the error and what the scales cost.
 """
 
 from __future__ import annotations
@@ -177,3 +178,72 @@ def check_exercise_3(int8_matmul_inliers) -> bool:
     elif _within(got, int8.int8_matmul(x, w), tol):
         print("  Hint: that is int8 without decomposition; add the 16-bit product of the outlier columns.")
     return False
+
+
+# ---------------------------------------------------------------- exercise 4
+
+
+def blocksize_sweep_reference(x: torch.Tensor, blocksizes) -> dict[int, tuple[float, float]]:
+    """Reference answer for exercise 4: ``{blocksize: (mean |error|, bits per value of the
+    float32 scales)}`` of block-wise absmax int8 on ``x`` (a partial last block has its own scale)."""
+    result = {}
+    for blocksize in blocksizes:
+        q, scale = int8.blockwise_absmax_quantize(x, blocksize=blocksize)
+        error = (x - int8.blockwise_absmax_dequantize(q, scale, blocksize=blocksize)).abs().mean().item()
+        result[blocksize] = (error, 32 * scale.numel() / x.numel())
+    return result
+
+
+def exercise_4_blocksizes(x: torch.Tensor) -> tuple[int, ...]:
+    """Block sizes from 16 values to the whole tensor (the last is tensor-wise)."""
+    return tuple(b for b in (16, 64, 256, 1024, 4096) if b < x.numel()) + (x.numel(),)
+
+
+@checker(4)
+def check_exercise_4(blocksize_sweep, x: torch.Tensor) -> bool:
+    """``blocksize_sweep(x, blocksizes)`` must return ``{blocksize: (mean_abs_error,
+    scale_bits)}``: the mean |x - dequantized x| of block-wise absmax int8 and the bits per
+    value its float32 scales cost. Run on the learner's ``x`` and on a tensor with a partial
+    last block; errors must agree to within the float32 rounding of a mean."""
+    partial = torch.randn(1000, generator=torch.Generator().manual_seed(4))
+    for data, sizes in ((x, exercise_4_blocksizes(x)), (partial, (64, 300))):
+        expected = blocksize_sweep_reference(data, sizes)
+        ok, got = call_learner(4, blocksize_sweep, data.clone(), sizes)
+        if not ok:
+            return False
+        if not isinstance(got, dict) or sorted(got) != sorted(sizes):
+            keys = sorted(got) if isinstance(got, dict) else type(got).__name__
+            print(f"Exercise 4: return a dict with one entry per block size {list(sizes)}, got {keys}.")
+            return False
+        for blocksize, (error, bits) in expected.items():
+            answer = got[blocksize]
+            if not isinstance(answer, (tuple, list)) or len(answer) != 2:
+                print(f"Exercise 4: the value for block size {blocksize} must be a tuple (mean_abs_error, "
+                      f"scale_bits), got {answer!r}.")
+                return False
+            your_error, your_bits = float(answer[0]), float(answer[1])
+            # a mean of n float32 values, summed in any order: n eps of the sum, divided by n
+            allowed = summation_tolerance(torch.float32, data.numel(), error)
+            if abs(your_error - bits) <= 1e-12 * bits and abs(your_bits - error) <= allowed:
+                print("Exercise 4: the tuple is (mean_abs_error, scale_bits), in that order.")
+                return False
+            if abs(your_bits - bits) > 1e-12 * bits:
+                print(f"Exercise 4: {data.numel()} values in blocks of {blocksize}: the scales cost {bits:.4g} bits "
+                      f"per value, you have {your_bits:.4g}.")
+                blocks = -(-data.numel() // blocksize)
+                if abs(your_bits - 32 / blocksize) <= 1e-12 and blocks * blocksize != data.numel():
+                    print(f"  Hint: the last block is partial but has its own scale: {blocks} scales of 32 bits.")
+                elif abs(8 * your_bits - bits) <= 1e-12 * bits:
+                    print("  Hint: that is bytes per value; a float32 scale is 32 bits.")
+                return False
+            if abs(your_error - error) > allowed:
+                print(f"Exercise 4: block size {blocksize}: the mean |error| is {error:.6g}, "
+                      f"you have {your_error:.6g}.")
+                return False
+    expected = blocksize_sweep_reference(x, exercise_4_blocksizes(x))
+    tensorwise = expected[x.numel()][0]
+    print(f"Exercise 4: correct. On your x ({x.numel():,} values):")
+    print(f"  {'block size':>10s} {'scale bits/value':>17s} {'mean |error|':>13s} {'vs tensor-wise':>15s}")
+    for blocksize, (error, bits) in expected.items():
+        print(f"  {blocksize:>10,d} {bits:>17.4f} {error:>13.4g} {error / tensorwise:>15.3f}")
+    return True

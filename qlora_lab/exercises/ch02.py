@@ -3,14 +3,22 @@
 Exercise 1: build the asymmetric NF-k data type from N(0, 1) quantiles.
 Exercise 2: decode packed 4-bit bytes back into a tensor (nibble order, block
 scaling, partial last block).
+Exercise 3: change the block size and measure: the relative error of Int4, FP4
+and NF4 on real weights at block sizes from 32 to 4096.
 """
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from qlora_lab.exercises import call_learner, checker
-from qlora_lab.quant import codes, nf4
+from qlora_lab.quant import codes, fake_quant, nf4
+
+#: The block sizes of exercise 3, and its three data types.
+EXERCISE_3_BLOCKSIZES = (32, 64, 256, 1024, 4096)
+EXERCISE_3_TYPES = ("Int4", "FP4", "NF4")
 
 
 @checker(1)
@@ -111,3 +119,65 @@ def _decode(packed: torch.Tensor, state: nf4.QuantState, high_first: bool) -> to
     indices = torch.stack(pair, 1).reshape(-1)[: state.numel].long()
     blocks = torch.arange(state.numel) // state.blocksize
     return (state.code[indices] * state.absmax[blocks]).reshape(state.shape)
+
+
+def block_size_errors(x: torch.Tensor, blocksizes=EXERCISE_3_BLOCKSIZES) -> dict[int, dict[str, float]]:
+    """The reference answer of exercise 3: ``{blocksize: {type: relative error}}``,
+    the relative error ``||Q(x) - x|| / ||x||`` of ``x`` quantized block-wise to
+    each 4-bit code, summed in float64."""
+    x64 = x.double()
+    return {b: {name: ((fake_quant.round_trip(x, code=codes.code_for(name.lower()), blocksize=b).double() - x64)
+                       .pow(2).sum() / x64.pow(2).sum()).sqrt().item() for name in EXERCISE_3_TYPES}
+            for b in blocksizes}
+
+
+@checker(3)
+def check_exercise_3(my_block_size_errors, x) -> bool:
+    """``my_block_size_errors(x, blocksizes)`` must return ``{blocksize: {"Int4": e,
+    "FP4": e, "NF4": e}}`` for the block sizes of :data:`EXERCISE_3_BLOCKSIZES`, each
+    ``e`` the relative error of ``x`` quantized block-wise to that code (a float or a
+    0-d tensor).
+
+    Tolerance, relative: a float32 sum of n terms is within ``log2(n) * eps`` of the
+    exact sum when summed pairwise (``tensor.sum()``), and within about
+    ``sqrt(n) * eps`` in any order with high probability (Higham and Mary's
+    probabilistic bound; ``torch.linalg.norm`` sums otherwise); rounding each
+    difference adds ``eps``. The ratio of two such sums is off by at most twice
+    that, its square root by half of that again: ``max(sqrt(n), log2(n) + 1) * eps``.
+    The reference sums in float64."""
+    if not isinstance(x, torch.Tensor) or not x.is_floating_point() or x.numel() < 2:
+        print("Exercise 3: pass the weights to measure as the second argument (a float tensor), as the cell does")
+        return False
+    ok, got = call_learner(3, my_block_size_errors, x.clone(), EXERCISE_3_BLOCKSIZES)
+    if not ok:
+        return False
+    if not isinstance(got, dict) or sorted(got) != sorted(EXERCISE_3_BLOCKSIZES):
+        keys = sorted(got) if isinstance(got, dict) else type(got).__name__
+        print(f"Exercise 3: return a dict keyed by the block sizes {list(EXERCISE_3_BLOCKSIZES)}, got {keys}")
+        return False
+    expected = block_size_errors(x)
+    tolerance = max(math.sqrt(x.numel()), math.log2(x.numel()) + 1) * torch.finfo(torch.float32).eps
+    for blocksize in EXERCISE_3_BLOCKSIZES:
+        row = got[blocksize]
+        if not isinstance(row, dict) or sorted(row) != sorted(EXERCISE_3_TYPES):
+            keys = sorted(row) if isinstance(row, dict) else type(row).__name__
+            print(f"Exercise 3: got[{blocksize}] must be a dict with the keys {list(EXERCISE_3_TYPES)}, got {keys}")
+            return False
+        for name in EXERCISE_3_TYPES:
+            want, mine = expected[blocksize][name], float(row[name])
+            if abs(mine - want) <= tolerance * want:
+                continue
+            print(f"Exercise 3: {name} with blocks of {blocksize}: expected a relative error of {want:.4f}, got "
+                  f"{mine:.4f}")
+            if abs(mine - want**2) <= tolerance * want**2:
+                print("  Hint: that is the squared error ratio; take its square root.")
+            elif any(abs(mine - expected[b][name]) <= tolerance * expected[b][name]
+                     for b in EXERCISE_3_BLOCKSIZES if b != blocksize):
+                print("  Hint: that is the error at another block size; pass each block size on to "
+                      "nf4.quantize_blockwise and dequantize_blockwise.")
+            else:
+                print("  Hint: ||Q(x) - x|| / ||x|| over the whole tensor, with Q the block-wise round trip of "
+                      "nf4.quantize_blockwise and nf4.dequantize_blockwise to codes.code_for(name.lower()).")
+            return False
+    print("Exercise 3: correct")
+    return True

@@ -4,12 +4,15 @@ Exercise 1: the bytes of a tensor's quantization constants, with and without
 double quantization, counted exactly (partial blocks included).
 Exercise 2: double quantization from scratch: mean offset, blocks of 256, the
 signed dynamic 8-bit map.
+Exercise 3: change the budget, measure what fits: the longest QLoRA step that
+fits a GPU, with and without gradient checkpointing.
 """
 
 from __future__ import annotations
 
 import torch
 
+from qlora_lab import memory
 from qlora_lab.exercises import call_learner, checker
 from qlora_lab.quant.double_quant import double_dequantize, double_quantize, dynamic_map, storage_bytes
 from qlora_lab.quant.nf4 import quantize_4bit
@@ -105,4 +108,66 @@ def check_exercise_2(my_double_quantize) -> bool:
             print("Exercise 2: the dequantized constants are not finite.")
             return False
     print("Exercise 2: correct")
+    return True
+
+
+STEP = 128
+"""Exercise 3 counts sequence lengths in multiples of 128 tokens."""
+
+
+def longest_fit_reference(config, gpu_gb: int, gradient_checkpointing: bool) -> int:
+    """Reference answer for exercise 3: the longest sequence (a multiple of
+    :data:`STEP` tokens, batch 1) whose QLoRA step peak fits ``gpu_gb``; 0 if
+    none does. The peak grows with the sequence, so doubling then bisecting
+    finds it."""
+    capacity = memory.gpu_capacity_bytes(gpu_gb)
+
+    def fits(seq_len: int) -> bool:
+        return memory.estimate(config, "qlora", seq_len=seq_len,
+                               gradient_checkpointing=gradient_checkpointing).peak <= capacity
+
+    if not fits(STEP):
+        return 0
+    low, high = STEP, 2 * STEP
+    while fits(high):
+        low, high = high, 2 * high
+    while high - low > STEP:
+        middle = (low + high) // (2 * STEP) * STEP
+        low, high = (middle, high) if fits(middle) else (low, middle)
+    return low
+
+
+@checker(3)
+def check_exercise_3(longest_fit) -> bool:
+    """``longest_fit(config, gpu_gb, gradient_checkpointing)`` must return the
+    longest sequence, a multiple of 128 tokens, whose QLoRA step peak
+    (``memory.estimate(config, "qlora", seq_len=..., gradient_checkpointing=...).peak``)
+    fits in ``memory.gpu_capacity_bytes(gpu_gb)``, or 0; checked for LLaMA-7B to
+    65B on 24 and 48 GB cards, then printed as a table."""
+    rows = []
+    for size in memory.LLAMA_SIZES:
+        for gpu_gb in (24, 48):
+            row = []
+            for checkpointing in (True, False):
+                expected = longest_fit_reference(size, gpu_gb, checkpointing)
+                ok, got = call_learner(3, longest_fit, size, gpu_gb, checkpointing)
+                if not ok:
+                    return False
+                if got != expected:
+                    print(f"Exercise 3: {size} on a {gpu_gb} GB card, gradient checkpointing "
+                          f"{'on' if checkpointing else 'off'}: the longest step that fits is {expected:,} tokens, "
+                          f"you said {got!r}.")
+                    if isinstance(got, int) and got == expected + STEP:
+                        print("  Hint: that one no longer fits; compare the peak with the capacity using <=.")
+                    elif isinstance(got, int) and got % STEP:
+                        print(f"  Hint: count in multiples of {STEP} tokens.")
+                    return False
+                row.append(expected)
+            rows.append((size, gpu_gb, *row))
+    print("Exercise 3: correct. The longest QLoRA step that fits (tokens, batch 1):")
+    print(f"  {'model':<10}{'GPU':>6}{'checkpointing on':>18}{'off':>8}{'ratio':>8}")
+    for size, gpu_gb, on, off in rows:
+        ratio = f"{on / off:.1f}" if off else "-"
+        print(f"  {size:<10}{gpu_gb:>4} GB{on:>18,}{off:>8,}{ratio:>8}")
+    print("  (LLaMA reads at most 2,048 tokens at a time: beyond that, the tokens of a step are a batch.)")
     return True

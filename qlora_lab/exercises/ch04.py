@@ -4,6 +4,8 @@ Exercise 1: the merged weight ``W + (alpha / r) B A`` a merged adapter leaves be
 Exercise 2: LoRA's trainable parameters on every linear layer of a LLaMA model.
 Exercise 3: the best rank-r adapter for a given weight update (truncated SVD,
             Eckart-Young), i.e. what LoRA can at best represent at rank r.
+Exercise 4: an experiment: adapters on one linear layer of the block at a time
+            (section 8's study), measured on the held-out words.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from torch import nn
 
 from qlora_lab.exercises import call_learner, checker, tensor_shaped
 from qlora_lab.lora import LoRALinear, lora_parameter_count
+from qlora_lab.lora.ablation import PlacementStudy
 from qlora_lab.support.checks import summation_tolerance
 
 
@@ -160,4 +163,58 @@ def check_exercise_3(best_low_rank_factors) -> bool:
                 print("  Hint: take the r largest singular values: delta = U diag(S) V^T (torch.linalg.svd).")
             return False
     print("Exercise 3: correct")
+    return True
+
+
+# ---------------------------------------------------------------- exercise 4
+
+#: The seven linear layers of a LLaMA block, in the order of the block.
+LINEAR_LAYERS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+def _as_number(value) -> float | None:
+    if isinstance(value, torch.Tensor) and value.numel() == 1:
+        value = value.item()
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return None
+    return float(value)
+
+
+@checker(4)
+def check_exercise_4(single_matrix_losses, study: PlacementStudy, r: int = 16) -> bool:
+    """``single_matrix_losses(study, r)`` must return ``{name: held-out loss}``
+    for rank-``r`` adapters on each linear layer of the block alone,
+    ``study.run([name], r).heldout_loss``. The checker runs the best and the
+    worst of the learner's seven again and compares."""
+    if not isinstance(study, PlacementStudy):
+        print(f"Exercise 4: pass section 8's study (ablation.PlacementStudy), got {type(study).__name__}")
+        return False
+    ok, got = call_learner(4, single_matrix_losses, study, r)
+    if not ok:
+        return False
+    if not isinstance(got, dict) or set(got) != set(LINEAR_LAYERS):
+        keys = sorted(got) if isinstance(got, dict) else type(got).__name__
+        print(f"Exercise 4: return a dict with one entry per linear layer, {', '.join(LINEAR_LAYERS)}; got {keys}")
+        return False
+    losses = {name: _as_number(value) for name, value in got.items()}
+    bad = [name for name, value in losses.items() if value is None or not value == value or value < 0]
+    if bad:
+        print(f"Exercise 4: the held-out loss of {bad[0]} must be a non-negative number, got {got[bad[0]]!r}")
+        return False
+    for name in (min(losses, key=losses.get), max(losses, key=losses.get)):
+        run = study.run([name], r)
+        # the same run gives the same float; a float32 round trip of the learner's changes at most its last bit
+        tol = 2 * torch.finfo(torch.float32).eps * abs(run.heldout_loss)
+        if abs(losses[name] - run.heldout_loss) > tol:
+            print(f"Exercise 4: with rank-{r} adapters on {name} alone the held-out loss is "
+                  f"{run.heldout_loss:.4f}, you said {losses[name]:.4f}.")
+            if abs(losses[name] - run.train_loss) <= 2 * torch.finfo(torch.float32).eps * abs(run.train_loss):
+                print("  Hint: that is the loss on the training words; the exercise asks for heldout_loss.")
+            else:
+                print(f"  Hint: train and measure with study.run([name], r) (the study's seed, steps and learning "
+                      f"rate), and return its heldout_loss.")
+            return False
+    print(f"Exercise 4: correct. Held-out loss with rank-{r} adapters on one matrix only, best first:")
+    for name in sorted(losses, key=losses.get):
+        print(f"  {name:10s} {losses[name]:.2f}")
     return True

@@ -5,6 +5,8 @@ Exercise 1: which optimizer pages the pager evicts when an allocation does not
             or nothing at all), checked against :class:`qlora_lab.paging.pager.Pager`.
 Exercise 2: the bytes of bitsandbytes' 8-bit AdamW state for one parameter,
             checked against ``bitsandbytes.optim.AdamW8bit`` itself.
+Exercise 3: an experiment: section 4's paging run with another page size and
+            device budget, and the traffic it causes.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import torch
 
 from qlora_lab.exercises import call_learner, checker
 from qlora_lab.paging.device_pool import DeviceOutOfMemoryError, DevicePool
+from qlora_lab.paging.paged_adamw import PagedAdamW
 from qlora_lab.paging.state_bytes import optimizer_state_bytes
 from qlora_lab.paging.pager import Pager
 
@@ -169,4 +172,66 @@ def check_exercise_2(adamw8bit_state_bytes) -> bool:
             print(f"  Hint: {_exercise_2_hint(got, numel)}")
             return False
     print("Exercise 2: correct")
+    return True
+
+
+# ---------------------------------------------------------------- exercise 3
+
+# (page bytes, device bytes): a shortfall that whole pages cover exactly or not, a device
+# smaller than the state, pages larger than a moment, and a device where nothing moves
+_EXERCISE_3_SETTINGS = [(2048, 28 * 1024), (512, 27 * 1024), (4096, 27 * 1024), (1024, 16 * 1024),
+                        (8192, 36 * 1024), (256, 34 * 1024)]
+_TRAFFIC = ("evictions", "prefetches", "bytes_moved")
+
+
+def paging_traffic(page_bytes: int, device_bytes: int) -> dict[str, int]:
+    """Section 4's run on a device of ``device_bytes`` with pages of ``page_bytes``:
+    three parameters of 1024 float32 values, a step, 10 KiB of activations
+    allocated and freed, a second step; the optimizer's paging counters."""
+    generator = torch.Generator().manual_seed(0)
+    params = [torch.nn.Parameter(torch.randn(1024, generator=generator)) for _ in range(3)]
+    pool = DevicePool(device_bytes)
+    optimizer = PagedAdamW(params, lr=1e-2, page_bytes=page_bytes, pool=pool)
+    for step in range(2):
+        for p in params:
+            p.grad = torch.randn(1024, generator=generator)
+        optimizer.step()
+        if step == 0:
+            pool.free(pool.allocate(10 * 1024, owner="activations"))
+    return optimizer.counters.as_dict()
+
+
+def _exercise_3_hint(got: dict, expected: dict) -> str:
+    if all(got.get(key) == 0 for key in _TRAFFIC) and any(expected[key] for key in _TRAFFIC):
+        return ("nothing moved: did every parameter get a gradient before each step (AdamW skips a parameter "
+                "without one), and did the 10 KiB of activations go to the same pool?")
+    if got.get("prefetches") == 0 and expected["prefetches"]:
+        return "evicted pages come back by prefetch in the second step: did you take it?"
+    if got.get("evictions", 0) > expected["evictions"]:
+        return "more traffic than the pager's: free the activations before the second step."
+    return "the run of section 4: step, allocate 10 KiB and free them, step; only page_bytes and the device change."
+
+
+@checker(3)
+def check_exercise_3(learner_paging_traffic) -> bool:
+    """``paging_traffic(page_bytes, device_bytes)`` must run section 4's
+    scenario with those settings (``PagedAdamW(params, lr=1e-2,
+    page_bytes=page_bytes, pool=DevicePool(device_bytes))`` on three
+    parameters of 1024 float32 values; a step; 10 KiB of activations allocated
+    and freed; a second step) and return ``optimizer.counters.as_dict()``."""
+    for page_bytes, device_bytes in _EXERCISE_3_SETTINGS:
+        expected = paging_traffic(page_bytes, device_bytes)
+        ok, got = call_learner(3, learner_paging_traffic, page_bytes, device_bytes)
+        if not ok:
+            return False
+        if not isinstance(got, dict):
+            print(f"Exercise 3: return optimizer.counters.as_dict(), a dict; got {type(got).__name__}")
+            return False
+        if any(got.get(key) != expected[key] for key in _TRAFFIC):
+            print(f"Exercise 3: pages of {page_bytes:,} bytes on a device of {device_bytes:,} bytes: the pager "
+                  f"counts " + ", ".join(f"{key} {expected[key]:,}" for key in _TRAFFIC)
+                  + "; your run counts " + ", ".join(f"{key} {got.get(key)!r}" for key in _TRAFFIC))
+            print(f"  Hint: {_exercise_3_hint(got, expected)}")
+            return False
+    print("Exercise 3: correct")
     return True

@@ -2,6 +2,8 @@
 
 Exercise 1: the learning rate of the recipe's schedule at any step.
 Exercise 2: labels on the assistant's tokens only, with truncation.
+Exercise 3: an experiment with the dry-run plan: the longest sequence a card
+            allows for a model.
 """
 
 from __future__ import annotations
@@ -11,7 +13,10 @@ import torch
 from qlora_lab.exercises import call_learner, checker
 from qlora_lab.finetune import chat_format
 from qlora_lab.finetune import data as data_lib
-from qlora_lab.finetune.train import constant_schedule_with_warmup
+from qlora_lab.finetune.plan import run_estimate
+from qlora_lab.finetune.train import constant_schedule_with_warmup, preset
+from qlora_lab.memory import gpu_capacity_bytes
+from qlora_lab.support.model_config import read_model_config
 
 
 @checker(1)
@@ -73,4 +78,64 @@ def check_exercise_2(make_labels, tokenizer) -> bool:
                       f"got {got_labels[wrong[0]]})")
             return False
     print("Exercise 2: correct")
+    return True
+
+
+def longest_max_length(model: str, card_gb: int) -> int | None:
+    """The largest power of two from 256 up to ``model``'s context for which the
+    ``llama-7b-gpu`` preset with that model and ``max_length`` has an estimated
+    step peak (:func:`qlora_lab.finetune.plan.run_estimate`) within a card of
+    ``card_gb`` GB (GiB, :func:`qlora_lab.memory.gpu_capacity_bytes`); None if
+    256 tokens do not fit. The peak grows with the length: the search stops at
+    the first length that does not fit."""
+    context = read_model_config(model).max_position_embeddings
+    best, length = None, 256
+    while length <= context:
+        config = preset("llama-7b-gpu", model=model, max_length=length, memory_config=None)
+        if run_estimate(config).peak > gpu_capacity_bytes(card_gb):
+            break
+        best, length = length, 2 * length
+    return best
+
+
+# a card that cuts the length short, one that allows long sequences, one where the
+# model's context is the limit, and one where nothing fits
+_EXERCISE_3_CASES = [("Qwen/Qwen2.5-7B", 12), ("mistralai/Mistral-7B-v0.3", 24), ("huggyllama/llama-7b", 48),
+                     ("Qwen/Qwen2.5-7B", 6)]
+
+
+def _exercise_3_hint(got, expected, model: str) -> str:
+    context = read_model_config(model).max_position_embeddings
+    if isinstance(got, int) and got > context:
+        return f"{model} reads at most {context:,} tokens (max_position_embeddings): no longer than that."
+    if isinstance(got, int) and (got < 256 or got & (got - 1)):
+        return "try the powers of two 256, 512, 1024, ... and return the largest that fits."
+    if expected is None:
+        return "when even 256 tokens do not fit, return None."
+    if isinstance(got, int) and got == expected // 2:
+        return ("a card sold as N GB holds N GiB = N * 2**30 bytes (memory.gpu_capacity_bytes), and a length "
+                "fits when the estimated peak is at most that.")
+    return ("for each length compare plan.run_estimate(train.preset('llama-7b-gpu', model=..., max_length=..., "
+            "memory_config=None)).peak with memory.gpu_capacity_bytes(card_gb).")
+
+
+@checker(3)
+def check_exercise_3(learner_longest_max_length) -> bool:
+    """``longest_max_length(model, card_gb)`` must return the longest
+    ``max_length`` (a power of two from 256 up to the model's context) that the
+    dry-run plan fits on the card, or None (:func:`longest_max_length`)."""
+    for model, card_gb in _EXERCISE_3_CASES:
+        expected = longest_max_length(model, card_gb)
+        ok, got = call_learner(3, learner_longest_max_length, model, card_gb)
+        if not ok:
+            return False
+        if got is not None and (isinstance(got, bool) or not isinstance(got, int)):
+            print(f"Exercise 3: return an int number of tokens or None, got {type(got).__name__} {got!r}")
+            return False
+        if got != expected:
+            print(f"Exercise 3: {model} on a {card_gb} GB card: the plan allows "
+                  f"{'no length at all' if expected is None else f'{expected:,} tokens'}, you said {got!r}.")
+            print(f"  Hint: {_exercise_3_hint(got, expected, model)}")
+            return False
+    print("Exercise 3: correct")
     return True

@@ -4,9 +4,16 @@ Exercise 1: Q8_0 by hand, the 8-bit type of the GGUF export (blocks of 32
             weights, one float16 scale each), against the ``gguf`` package.
 Exercise 2: how many 4-bit codes a merged update changes when ``W0 + delta`` is
             quantized to NF4 again (the merge QLoRA cannot do losslessly).
+Exercise 3: change the size of an adapter's update and measure what merging it
+            into the 4-bit weights loses (checked on a tiny model; the notebook
+            then measures SmolLM2).
 """
 
 from __future__ import annotations
+
+import copy
+import tempfile
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -125,3 +132,79 @@ def _packed_equal(w0: torch.Tensor, delta: torch.Tensor) -> float:
     a, _ = quantize_4bit(w0, blocksize=64, quant_type="nf4")
     b, _ = quantize_4bit(w0 + delta, blocksize=64, quant_type="nf4")
     return (a == b).double().mean().item()
+
+
+# ---------------------------------------------------------------- exercise 3
+
+
+def _tiny_base_and_adapter(directory: Path):
+    """A tiny Llama quantized to NF4 + double quantization, and a LoRA adapter for it
+    with random ``A`` and ``B`` on every linear layer (written to ``directory``)."""
+    from transformers import AutoModelForCausalLM
+
+    from qlora_lab.models import write_tiny_adapter, write_tiny_chat_model
+    from qlora_lab.qlora import quantize_model
+    from qlora_lab.support.loading import quiet_loading
+
+    with quiet_loading():
+        model_dir = write_tiny_chat_model(directory / "model")
+        adapter_dir = write_tiny_adapter(model_dir, directory / "adapter")
+        model = AutoModelForCausalLM.from_pretrained(str(model_dir))
+    quantize_model(model)
+    return model.eval(), adapter_dir
+
+
+def _requantize_report(model, adapter_dir, scale: float):
+    from qlora_lab.after.export import merge_into_4bit
+    from qlora_lab.lora import load_adapter, lora_modules
+
+    merged = copy.deepcopy(model)
+    load_adapter(merged, adapter_dir)
+    for layer in lora_modules(merged).values():
+        layer.scaling *= scale
+    return merge_into_4bit(merged)
+
+
+@checker(3)
+def check_exercise_3(update_lost) -> bool:
+    """``update_lost(model, adapter_dir, scale)`` must load the adapter into a copy
+    of the 4-bit ``model``, multiply every adapter layer's ``scaling`` by ``scale``,
+    merge into the 4-bit weights (``merge_into_4bit``) and return
+    ``error_norm / update_norm``, leaving ``model`` as it was."""
+    from qlora_lab.lora import lora_modules
+
+    with tempfile.TemporaryDirectory(prefix="ch08-exercise-3-") as tmp:
+        model, adapter_dir = _tiny_base_and_adapter(Path(tmp))
+        before = {name: t.clone() for name, t in model.state_dict().items()}
+        reports = {scale: _requantize_report(model, adapter_dir, scale) for scale in (1.0, 0.01, 10.0)}
+        for scale, report in reports.items():
+            expected = report.error_norm / report.update_norm
+            ok, got = call_learner(3, update_lost, model, adapter_dir, scale)
+            if not ok:
+                return False
+            if lora_modules(model) or any(not torch.equal(before[n], t) for n, t in model.state_dict().items()):
+                print("Exercise 3: your function changed the model it was given; load the adapter into a copy "
+                      "(copy.deepcopy(model)) so that every scale starts from the same 4-bit base.")
+                return False
+            try:
+                got = float(got)
+            except (TypeError, ValueError):
+                print(f"Exercise 3: return a number (error_norm / update_norm), got {type(got).__name__}")
+                return False
+            # The same functions give the same bits; a float32 norm computed another way rounds by about
+            # sqrt(n) eps relative, 3e-5 for the tiny model's 3e5 weights: allow 1e-4.
+            if not abs(got - expected) <= 1e-4 * expected:
+                print(f"Exercise 3: at scale {scale:g} re-quantizing loses {expected:.4f} of the update, "
+                      f"you returned {got:.4f}")
+                unscaled = reports[1.0].error_norm / reports[1.0].update_norm
+                if scale != 1.0 and abs(got - unscaled) <= 1e-4 * unscaled:
+                    print("  Hint: multiply every LoRALinear's scaling (alpha / r) by scale before merging.")
+                elif abs(got - report.kept_update_norm / report.update_norm) <= 1e-4 * expected:
+                    print("  Hint: kept_update_norm is how far the weights moved; return what was lost, "
+                          "error_norm / update_norm.")
+                else:
+                    print("  Hint: copy the model, load_adapter, scale every layer's scaling, merge_into_4bit, "
+                          "and divide the report's error_norm by its update_norm.")
+                return False
+    print("Exercise 3: correct")
+    return True

@@ -2,12 +2,15 @@
 
 Exercise 1: the bytes of one 4-bit layer that one rank holds under FSDP.
 Exercise 2: one round of LoftQ's initialisation, and its error.
+Exercise 3: change the card's memory and the batch, and measure how many GPUs
+            FSDP-QLoRA needs (chapter 03's estimate for one of N GPUs).
 """
 
 from __future__ import annotations
 
 import torch
 
+from qlora_lab.beyond.fits import estimate_per_gpu
 from qlora_lab.beyond.loftq import loftq_init
 from qlora_lab.exercises import call_learner, checker
 from qlora_lab.quant.nf4 import dequantize_4bit, quantize_4bit
@@ -75,4 +78,53 @@ def check_exercise_2(loftq_round) -> bool:
             print("Exercise 2: B A is not the best rank-r approximation of weight - Q (truncated SVD).")
             return False
     print("Exercise 2: correct")
+    return True
+
+
+MAX_GPUS = 64
+
+
+def _fewest(config, gib, batch, seq_len, capacity=2**30, part="peak"):
+    """The smallest N <= MAX_GPUS whose per-GPU estimate (``part``) is under
+    ``gib * capacity`` bytes, or None."""
+    for n in range(1, MAX_GPUS + 1):
+        if getattr(estimate_per_gpu(config, "qlora", n, batch=batch, seq_len=seq_len), part) < gib * capacity:
+            return n
+    return None
+
+
+@checker(3)
+def check_exercise_3(fewest_gpus) -> bool:
+    """``fewest_gpus(config, gib, batch, seq_len)`` must return the smallest number
+    of GPUs N (1 to 64) for which FSDP-QLoRA's estimate for one GPU
+    (``fits.estimate_per_gpu(config, "qlora", N, batch=, seq_len=)``) has a peak
+    below ``gib`` GiB, or None when no N up to 64 does."""
+    for config, gib, batch, seq_len in [("llama-2-70b", 24, 1, 512), ("llama-2-70b", 24, 2, 2048),
+                                        ("llama-65b", 24, 1, 512), ("llama-65b", 48, 1, 512),
+                                        ("llama-2-70b", 12, 2, 2048), ("llama-2-70b", 2, 1, 512)]:
+        expected = _fewest(config, gib, batch, seq_len)
+        ok, got = call_learner(3, fewest_gpus, config, gib, batch, seq_len)
+        if not ok:
+            return False
+        right = got is None if expected is None else (isinstance(got, int) and not isinstance(got, bool)
+                                                      and got == expected)
+        if not right:
+            print(f"Exercise 3: {config} on {gib} GB cards at batch {batch} x {seq_len} needs "
+                  f"{expected or 'more than ' + str(MAX_GPUS)} GPUs, you said {got!r}.")
+            decimal = got == _fewest(config, gib, batch, seq_len, capacity=10**9)
+            total = got == _fewest(config, gib, batch, seq_len, part="total")
+            if got == expected:
+                print("  Hint: return the number of GPUs as an int (or None).")
+            elif expected is None:
+                print("  Hint: when no N up to 64 fits, return None.")
+            elif decimal or total:
+                if decimal:
+                    print("  Hint: a 24 GB card holds 24 GiB, 24 * 2**30 bytes (as fits_table counts).")
+                if total:
+                    print("  Hint: compare the estimate's peak, not its total (a step's parts are not all alive "
+                          "at once).")
+            else:
+                print("  Hint: try N = 1, 2, 3, ... and return the first whose estimate_per_gpu(...).peak fits.")
+            return False
+    print("Exercise 3: correct")
     return True

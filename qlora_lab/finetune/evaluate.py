@@ -9,7 +9,9 @@ Three measures, each a few lines once the pieces are there:
   better performance than 4-bit Floating Point", Table 2: perplexity of
   quantized models on Pile Common Crawl). The course's fixed text is
   ``datasets/eval_text/`` (written for the course, see its
-  datasheet); :func:`course_eval_text` reads it.
+  datasheet); :func:`course_eval_text` reads it, :func:`course_eval_texts`
+  reads its five essays one by one (to see how much a comparison depends on
+  the text).
 * **Evaluation loss** of a finetuning run: the mean loss per labelled token
   (the assistant's replies only, QLoRA Sec. 5) on held-out conversations
   (:func:`evaluation_loss`), what the training loop reports.
@@ -40,14 +42,21 @@ from qlora_lab.support.resources import EVAL_TEXT_DIR
 # --------------------------------------------------------------------------- #
 # Perplexity on a fixed text
 # --------------------------------------------------------------------------- #
-def course_eval_text() -> str:
-    """The course's evaluation text (all ``*.txt`` files of
-    ``datasets/eval_text/`` in name order, separated by blank lines)."""
+def course_eval_texts() -> dict[str, str]:
+    """The essays of ``datasets/eval_text/`` one by one: ``{file stem: text}``
+    (``"01_lighthouse"`` ...), in name order, each stripped of surrounding
+    whitespace."""
     files = sorted(EVAL_TEXT_DIR.glob("*.txt"))
     if not files:
         raise FileNotFoundError(f"no .txt files in {EVAL_TEXT_DIR}; the course's evaluation text ships as package "
                                 f"data (datasets/eval_text/): reinstall qlora-lab (pip install .)")
-    return "\n\n".join(f.read_text(encoding="utf-8").strip() for f in files)
+    return {f.stem: f.read_text(encoding="utf-8").strip() for f in files}
+
+
+def course_eval_text() -> str:
+    """The course's evaluation text: the essays of :func:`course_eval_texts`
+    joined in name order, separated by blank lines."""
+    return "\n\n".join(course_eval_texts().values())
 
 
 @torch.no_grad()

@@ -15,9 +15,13 @@ Read it in this order; each module is one idea:
    config, without building the model (the seminar's GPT-3 example).
 5. :mod:`qlora_lab.lora.subspace`: what rank LoRA needs and what its update
    does: subspace similarity and amplification of trained adapters (LoRA Sec. 7).
+6. :mod:`qlora_lab.lora.ablation`: ablations on cached activations (the
+   chapter's training loop, :func:`~qlora_lab.lora.ablation.fit`), and where
+   the adapters go: q and v only or all linear layers (QLoRA Sec. 4, Figure 2).
 
 The public names of 1-4 are importable from ``qlora_lab.lora`` directly;
-the study of 5 is imported as ``from qlora_lab.lora import subspace``.
+the studies of 5 and 6 are imported as ``from qlora_lab.lora import subspace``
+(or ``ablation``).
 """
 
 from qlora_lab.lora.counting import linear_shapes, lora_parameter_count

@@ -19,7 +19,9 @@ The three 4-bit data types
 
 :data:`CODES` holds the three, built once; :func:`code_for` hands out copies.
 For comparisons at other bit widths, :func:`integer_code` and
-:func:`float_code` build k-bit integer and minifloat tables.
+:func:`float_code` build k-bit integer and minifloat tables;
+:func:`fp4_e3m0_code` is the paper's second 4-bit float (3 exponent bits, no
+mantissa; QLoRA Table 2), which bitsandbytes has no 4-bit kernels for.
 
 Where bitsandbytes' tables disagree with themselves (0.50.2)
 ------------------------------------------------------------
@@ -168,6 +170,22 @@ def float_code(exponent_bits: int, mantissa_bits: int) -> torch.Tensor:
     return values / values.max()
 
 
+def fp4_e3m0_code() -> torch.Tensor:
+    """The 4-bit float with 1 sign, 3 exponent and no mantissa bits (QLoRA
+    Table 2, "FP4 (E3M0)"), sorted: :func:`float_code` ``(3, 0)``.
+
+    With bias 3 the exponent fields 1..7 give the powers of two 1/4 .. 16; the
+    field 0 is subnormal and, with no mantissa bit, holds only zero. Divided by
+    16: 0 and plus or minus 1/64, 1/32, 1/16, 1/8, 1/4, 1/2, 1, i.e. 15 values
+    (+0 and -0 merged), each twice the one below it. Equal to the distinct
+    values of bitsandbytes' ``create_fp8_map(signed=True, exponent_bits=3,
+    precision_bits=0, total_bits=4)``; bitsandbytes has no E3M0 type for
+    ``quantize_4bit``, so it is quantized through
+    :func:`qlora_lab.quant.blockwise.quantize_blockwise` with this table.
+    """
+    return float_code(3, 0)
+
+
 def code_for(quant_type: str) -> torch.Tensor:
     """The 16-value code of ``"nf4"``, ``"fp4"`` or ``"int4"``, in index order (a copy)."""
     if quant_type not in CODES:
@@ -184,5 +202,5 @@ def _check_bits(bits: int) -> None:
 #: so that nothing is built while torch.compile traces quantize_4bit.
 CODES = {"nf4": normal_float_code(4), "fp4": fp4_code(), "int4": int4_code()}
 
-__all__ = ["CODES", "NF4_OFFSET", "code_for", "float_code", "fp4_code", "int4_code", "integer_code",
+__all__ = ["CODES", "NF4_OFFSET", "code_for", "float_code", "fp4_code", "fp4_e3m0_code", "int4_code", "integer_code",
            "normal_float_code", "normal_float_offset"]

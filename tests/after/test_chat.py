@@ -8,12 +8,13 @@ equality with peft) does not depend on the model's size.
 from __future__ import annotations
 
 import io
+from pathlib import Path
 
 import pytest
 import torch
 
 from qlora_lab import __main__ as cli
-from qlora_lab.after.chat import AdapterSet, generation_speed, load_with_adapter, reply, chat_loop
+from qlora_lab.after.chat import AdapterSet, cpu_name, generation_speed, load_with_adapter, reply, chat_loop
 from qlora_lab.lora import lora_modules
 from qlora_lab.models import load_model
 from qlora_lab.models.tiny import write_tiny_adapter, write_tiny_chat_model
@@ -147,6 +148,16 @@ def test_generation_speed_counts_exactly_the_new_tokens(tiny_dir):
     model, tokenizer = load_model(str(tiny_dir))
     speed = generation_speed(model, tokenizer, "Hello!", new_tokens=5)
     assert speed > 0
+
+
+def test_cpu_name_names_the_processor_and_torch_s_kernels():
+    name = cpu_name()
+    assert name.endswith(f"(torch kernels {torch.backends.cpu.get_cpu_capability()})")
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.is_file() and "model name" in cpuinfo.read_text():
+        model_name = next(line.split(":", 1)[1].strip() for line in cpuinfo.read_text().splitlines()
+                          if line.startswith("model name"))
+        assert name.startswith(model_name)
 
 
 def test_the_gpu_s_loader_quantizes_with_bitsandbytes_and_agrees_with_peft(tiny_dir, adapters):

@@ -135,6 +135,62 @@ def test_exercise_3_wrong(capsys):
     assert "Exercise 3: not attempted yet" in capsys.readouterr().out
 
 
+# ---------------------------------------------------------------- exercise 4
+
+
+def outlier_matrix():
+    M = torch.randn(64, 256, generator=torch.Generator().manual_seed(0))
+    M[5, 100] = 60.0
+    return M
+
+
+def blocksize_sweep(x, blocksizes):
+    result = {}
+    for b in blocksizes:
+        q, s = int8.blockwise_absmax_quantize(x, blocksize=b)
+        error = (x - int8.blockwise_absmax_dequantize(q, s, blocksize=b)).abs().double().mean().item()
+        result[b] = (error, 32 * s.numel() / x.numel())
+    return result
+
+
+def test_exercise_4_right(capsys):
+    assert ch01.check_exercise_4(blocksize_sweep, outlier_matrix())
+    out = capsys.readouterr().out
+    assert "Exercise 4: correct" in out and "16,384" in out
+
+
+def test_exercise_4_smaller_blocks_cost_more_bits_and_err_less():
+    sweep = ch01.blocksize_sweep_reference(outlier_matrix(), ch01.exercise_4_blocksizes(outlier_matrix()))
+    errors = [e for e, _ in sweep.values()]
+    bits = [b for _, b in sweep.values()]
+    assert errors == sorted(errors) and bits == sorted(bits, reverse=True)
+    assert bits[1] == 0.5  # blocks of 64: QLoRA's 0.5 bits per value, the cost chapter 03 cuts
+
+
+def test_exercise_4_wrong(capsys):
+    def whole_blocks_only(x, blocksizes):
+        return {b: (e, 32 / b) for b, (e, _) in blocksize_sweep(x, blocksizes).items()}
+
+    def bytes_not_bits(x, blocksizes):
+        return {b: (e, bits / 8) for b, (e, bits) in blocksize_sweep(x, blocksizes).items()}
+
+    def swapped(x, blocksizes):
+        return {b: (bits, e) for b, (e, bits) in blocksize_sweep(x, blocksizes).items()}
+
+    def tensorwise_error(x, blocksizes):
+        q, s = int8.absmax_quantize(x)
+        e = (x - int8.absmax_dequantize(q, s)).abs().mean().item()
+        return {b: (e, bits) for b, (_, bits) in blocksize_sweep(x, blocksizes).items()}
+
+    for wrong, hint in [(whole_blocks_only, "partial"), (bytes_not_bits, "32 bits"), (swapped, "in that order"),
+                        (tensorwise_error, "mean |error|"),
+                        (lambda x, b: {16: (0.0, 2.0)}, "one entry per block size")]:
+        assert ch01.check_exercise_4(wrong, outlier_matrix()) is False
+        assert hint in capsys.readouterr().out
+    assert ch01.check_exercise_4(skeleton, outlier_matrix()) is False
+    assert "Exercise 4: not attempted yet" in capsys.readouterr().out
+
+
 # ------------------------------------------------------- a learner's bug is feedback
 
 
@@ -143,4 +199,5 @@ def test_a_bug_in_the_learners_code_is_feedback_not_a_crash(capsys):
         (1, ch01.check_exercise_1, ()),
         (2, ch01.check_exercise_2, ()),
         (3, ch01.check_exercise_3, ()),
+        (4, ch01.check_exercise_4, (outlier_matrix(),)),
     ])

@@ -2,7 +2,7 @@ import torch
 from scipy.stats import norm
 
 from qlora_lab.exercises import ch02
-from qlora_lab.quant import codes
+from qlora_lab.quant import codes, nf4
 
 from exercise_feedback import assert_bugs_are_feedback
 
@@ -91,6 +91,71 @@ def test_exercise_2(capsys):
     assert "not attempted" in capsys.readouterr().out
 
 
+def right_block_size_errors(x, blocksizes):
+    errors = {}
+    for b in blocksizes:
+        errors[b] = {}
+        for name in ("Int4", "FP4", "NF4"):
+            code = codes.code_for(name.lower())
+            indices, absmax = nf4.quantize_blockwise(x, code, b)
+            error = nf4.dequantize_blockwise(indices, absmax, code, b, x.shape) - x
+            errors[b][name] = (error.pow(2).sum() / x.pow(2).sum()).sqrt().item()  # float32, as a learner would
+    return errors
+
+
+def test_exercise_3(capsys):
+    x = torch.randn(3, 5000, generator=torch.Generator().manual_seed(3)) * 0.02  # partial blocks at every size
+    assert ch02.check_exercise_3(right_block_size_errors, x)
+    assert "correct" in capsys.readouterr().out
+    as_tensors = lambda x, bs: {b: {n: torch.tensor(e) for n, e in r.items()}  # noqa: E731
+                                for b, r in right_block_size_errors(x, bs).items()}
+    assert ch02.check_exercise_3(as_tensors, x)
+    capsys.readouterr()
+
+    def with_norm(x, bs):  # another float32 summation order than tensor.sum()
+        out = {}
+        for b in bs:
+            out[b] = {}
+            for name in ("Int4", "FP4", "NF4"):
+                code = codes.code_for(name.lower())
+                quantized = nf4.dequantize_blockwise(*nf4.quantize_blockwise(x, code, b), code, b, x.shape)
+                out[b][name] = (torch.linalg.norm(quantized - x) / torch.linalg.norm(x)).item()
+        return out
+
+    assert ch02.check_exercise_3(with_norm, x)
+    capsys.readouterr()
+
+    squared = lambda x, bs: {b: {n: e**2 for n, e in r.items()}  # noqa: E731
+                             for b, r in right_block_size_errors(x, bs).items()}
+    assert not ch02.check_exercise_3(squared, x)
+    assert "square root" in capsys.readouterr().out
+    always_64 = lambda x, bs: {b: right_block_size_errors(x, (64,))[64] for b in bs}  # noqa: E731
+    assert not ch02.check_exercise_3(always_64, x)
+    assert "another block size" in capsys.readouterr().out
+    mean_absolute = lambda x, bs: {b: {n: e * 0.8 for n, e in r.items()}  # noqa: E731
+                                   for b, r in right_block_size_errors(x, bs).items()}
+    assert not ch02.check_exercise_3(mean_absolute, x)
+    assert "||Q(x) - x|| / ||x||" in capsys.readouterr().out
+    assert not ch02.check_exercise_3(lambda x, bs: {64: {}}, x)
+    assert "keyed by the block sizes" in capsys.readouterr().out
+    no_fp4 = lambda x, bs: {b: {"Int4": 0.1, "NF4": 0.1} for b in bs}  # noqa: E731
+    assert not ch02.check_exercise_3(no_fp4, x)
+    assert "'FP4'" in capsys.readouterr().out
+    assert not ch02.check_exercise_3(right_block_size_errors, "weights")
+    assert "second argument" in capsys.readouterr().out
+    assert not ch02.check_exercise_3(not_attempted, x)
+    assert "not attempted" in capsys.readouterr().out
+
+
+def test_exercise_3_reference_is_the_definition():
+    x = torch.randn(2, 300, generator=torch.Generator().manual_seed(4))
+    code = codes.code_for("nf4")
+    indices, absmax = nf4.quantize_blockwise(x, code, 256)
+    quantized = nf4.dequantize_blockwise(indices, absmax, code, 256, x.shape)
+    expected = ((quantized.double() - x.double()).pow(2).sum() / x.double().pow(2).sum()).sqrt().item()
+    assert ch02.block_size_errors(x, (256,))[256]["NF4"] == expected
+
+
 # ------------------------------------------------------- a learner's bug is feedback
 
 
@@ -98,4 +163,5 @@ def test_a_bug_in_the_learners_code_is_feedback_not_a_crash(capsys):
     assert_bugs_are_feedback(capsys, [
         (1, ch02.check_exercise_1, ()),
         (2, ch02.check_exercise_2, ()),
+        (3, ch02.check_exercise_3, (torch.randn(300),)),
     ])

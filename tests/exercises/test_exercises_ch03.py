@@ -4,6 +4,7 @@ treat a skeleton as "not attempted yet" without raising."""
 import pytest
 import torch
 
+from qlora_lab import memory
 from qlora_lab.exercises import ch03
 from qlora_lab.quant.double_quant import dynamic_map
 
@@ -114,6 +115,52 @@ def test_exercise_2_skeleton_is_not_attempted(capsys):
     assert "not attempted yet" in capsys.readouterr().out
 
 
+# ---------------------------------------------------------------- exercise 3
+
+
+def longest_fit(config, gpu_gb, gradient_checkpointing):
+    capacity = memory.gpu_capacity_bytes(gpu_gb)
+    best, seq_len = 0, 128
+    while memory.estimate(config, "qlora", seq_len=seq_len, gradient_checkpointing=gradient_checkpointing).peak \
+            <= capacity:
+        best, seq_len = seq_len, seq_len + 128
+    return best
+
+
+def test_exercise_3_reference_is_the_linear_search():
+    for config, gb, ckpt in [("llama-7b", 24, False), ("llama-65b", 48, False), ("llama-33b", 24, True),
+                             ("llama-65b", 24, True)]:
+        assert ch03.longest_fit_reference(config, gb, ckpt) == longest_fit(config, gb, ckpt)
+
+
+def test_exercise_3_accepts_the_search(capsys):
+    assert ch03.check_exercise_3(ch03.longest_fit_reference) is True
+    out = capsys.readouterr().out
+    assert "Exercise 3: correct" in out and "checkpointing on" in out
+
+
+def test_checkpointing_buys_longer_steps():
+    on = ch03.longest_fit_reference("llama-7b", 24, True)
+    off = ch03.longest_fit_reference("llama-7b", 24, False)
+    assert on > 5 * off > 0
+    assert ch03.longest_fit_reference("llama-65b", 24, True) == 0  # its 4-bit weights alone exceed 24 GB
+
+
+@pytest.mark.parametrize("wrong, hint", [
+    (lambda c, gb, ckpt: ch03.longest_fit_reference(c, gb, ckpt) + 128, "no longer fits"),
+    (lambda c, gb, ckpt: ch03.longest_fit_reference(c, gb, ckpt) + 1, "multiples of 128"),
+    (lambda c, gb, ckpt: ch03.longest_fit_reference(c, gb, True), "checkpointing off"),
+])
+def test_exercise_3_rejects_wrong_searches(wrong, hint, capsys):
+    assert ch03.check_exercise_3(wrong) is False
+    assert hint in capsys.readouterr().out
+
+
+def test_exercise_3_skeleton_is_not_attempted(capsys):
+    assert ch03.check_exercise_3(skeleton) is False
+    assert "not attempted yet" in capsys.readouterr().out
+
+
 # ------------------------------------------------------- a learner's bug is feedback
 
 
@@ -121,4 +168,5 @@ def test_a_bug_in_the_learners_code_is_feedback_not_a_crash(capsys):
     assert_bugs_are_feedback(capsys, [
         (1, ch03.check_exercise_1, ()),
         (2, ch03.check_exercise_2, ()),
+        (3, ch03.check_exercise_3, ()),
     ])

@@ -4,6 +4,8 @@ hint, and treat a skeleton as "not attempted yet" without raising."""
 import torch
 
 from qlora_lab.exercises import ch06
+from qlora_lab.paging.device_pool import DevicePool
+from qlora_lab.paging.paged_adamw import PagedAdamW
 
 from exercise_feedback import assert_bugs_are_feedback
 
@@ -150,12 +152,58 @@ def test_exercise_2_accepts_a_one_element_tensor(capsys):
     assert ch06.check_exercise_2(lambda n: torch.tensor(adamw8bit_state_bytes(n)))
 
 
+# ---------------------------------------------------------------- exercise 3
+
+
+def paging_traffic(page_bytes, device_bytes, free_activations=True, second_step=True, gradients=True):
+    params = [torch.nn.Parameter(torch.ones(1024)) for _ in range(3)]
+    pool = DevicePool(device_bytes)
+    optimizer = PagedAdamW(params, lr=1e-2, page_bytes=page_bytes, pool=pool)
+    for step in range(2 if second_step else 1):
+        for p in params:
+            p.grad = torch.full_like(p, 0.5) if gradients else None
+        optimizer.step()
+        if step == 0:
+            activations = pool.allocate(10 * 1024, owner="activations")
+            if free_activations:
+                pool.free(activations)
+    return optimizer.counters.as_dict()
+
+
+def test_exercise_3_reference_is_section_4():
+    # chapter 06, section 4: 2 KiB pages on a 28 KiB device move three pages out and back
+    assert {k: ch06.paging_traffic(2048, 28 * 1024)[k] for k in ("evictions", "prefetches", "bytes_moved")} == {
+        "evictions": 3, "prefetches": 3, "bytes_moved": 12288}
+    assert ch06.paging_traffic(256, 34 * 1024)["bytes_moved"] == 0
+
+
+def test_exercise_3_right(capsys):
+    assert ch06.check_exercise_3(paging_traffic) is True
+    assert "Exercise 3: correct" in capsys.readouterr().out
+
+
+def test_exercise_3_wrong(capsys):
+    cases = [
+        (lambda pb, db: paging_traffic(pb, db, free_activations=False), "free the activations"),
+        (lambda pb, db: paging_traffic(pb, db, second_step=False), "did you take it"),
+        (lambda pb, db: paging_traffic(pb, db, gradients=False), "nothing moved"),
+        (lambda pb, db: paging_traffic(2048, db), "the pager counts"),
+        (lambda pb, db: (3, 3, 12288), "a dict"),
+    ]
+    for wrong, hint in cases:
+        assert ch06.check_exercise_3(wrong) is False, hint
+        assert hint in capsys.readouterr().out
+    assert ch06.check_exercise_3(skeleton) is False
+    assert "Exercise 3: not attempted yet" in capsys.readouterr().out
+
+
 def test_checkers_keep_the_global_random_state():
     torch.manual_seed(0)
     expected = torch.rand(3)
     torch.manual_seed(0)
     ch06.check_exercise_1(pages_to_evict)
     ch06.check_exercise_2(adamw8bit_state_bytes)
+    ch06.check_exercise_3(paging_traffic)
     assert torch.equal(torch.rand(3), expected)
 
 
@@ -166,4 +214,5 @@ def test_a_bug_in_the_learners_code_is_feedback_not_a_crash(capsys):
     assert_bugs_are_feedback(capsys, [
         (1, ch06.check_exercise_1, ()),
         (2, ch06.check_exercise_2, ()),
+        (3, ch06.check_exercise_3, ()),
     ])

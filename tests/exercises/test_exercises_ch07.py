@@ -107,6 +107,68 @@ def test_exercise_2_skeleton_is_not_attempted(smollm2, capsys):
     assert "not attempted yet" in capsys.readouterr().out
 
 
+# ---------------------------------------------------------------- exercise 3
+
+
+def longest_max_length(model, card_gb):
+    from qlora_lab import memory
+    from qlora_lab.finetune import plan, train
+    from qlora_lab.models import read_model_config
+
+    context = read_model_config(model).max_position_embeddings
+    best = None
+    for length in (2**k for k in range(8, 20)):
+        if length > context:
+            break
+        config = train.preset("llama-7b-gpu", model=model, max_length=length, memory_config=None)
+        if plan.run_estimate(config).peak > memory.gpu_capacity_bytes(card_gb):
+            break
+        best = length
+    return best
+
+
+def test_exercise_3_reference():
+    # Qwen2.5-7B's 152,064-token vocabulary makes every token's log-probabilities costly: on a 12 GB card
+    # it stops at 2048 tokens where Mistral-7B (32,768 tokens) goes to 8192; LLaMA-1 stops at its context
+    assert ch07.longest_max_length("Qwen/Qwen2.5-7B", 12) == 2048
+    assert ch07.longest_max_length("mistralai/Mistral-7B-v0.3", 12) == 8192
+    assert ch07.longest_max_length("huggyllama/llama-7b", 80) == 2048
+    assert ch07.longest_max_length("Qwen/Qwen2.5-7B", 6) is None
+
+
+def test_exercise_3_right(capsys):
+    assert ch07.check_exercise_3(longest_max_length) is True
+    assert "Exercise 3: correct" in capsys.readouterr().out
+
+
+def test_exercise_3_wrong(capsys):
+    def ignores_the_context(model, card_gb):
+        return longest_max_length("mistralai/Mistral-7B-v0.3" if "llama-7b" in model else model, card_gb)
+
+    def never_none(model, card_gb):
+        return longest_max_length(model, card_gb) or 256
+
+    def decimal_gigabytes(model, card_gb):
+        from qlora_lab.finetune import plan, train
+
+        best = None
+        for length in (256, 512, 1024, 2048, 4096, 8192, 16384):
+            config = train.preset("llama-7b-gpu", model=model, max_length=length, memory_config=None)
+            if plan.run_estimate(config).peak > card_gb * 1e9:
+                break
+            best = length
+        return best
+
+    cases = [(ignores_the_context, "max_position_embeddings"), (never_none, "return None"),
+             (lambda m, c: 3000, "powers of two"), (lambda m, c: "2048", "an int number of tokens"),
+             (decimal_gigabytes, "you said")]
+    for wrong, hint in cases:
+        assert ch07.check_exercise_3(wrong) is False, hint
+        assert hint in capsys.readouterr().out
+    assert ch07.check_exercise_3(skeleton) is False
+    assert "not attempted yet" in capsys.readouterr().out
+
+
 # ------------------------------------------------------- a learner's bug is feedback
 
 
@@ -115,4 +177,5 @@ def test_a_bug_in_the_learners_code_is_feedback_not_a_crash(smollm2, capsys):
     assert_bugs_are_feedback(capsys, [
         (1, ch07.check_exercise_1, ()),
         (2, ch07.check_exercise_2, (tokenizer,)),
+        (3, ch07.check_exercise_3, ()),
     ])

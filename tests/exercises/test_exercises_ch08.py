@@ -1,10 +1,14 @@
 """The chapter 08 checkers accept right answers, reject typical wrong ones with a
 hint, and treat a skeleton as "not attempted yet" without raising."""
 
+import copy
+
 import numpy as np
 import torch
 
+from qlora_lab.after.export import merge_into_4bit
 from qlora_lab.exercises import ch08
+from qlora_lab.lora import load_adapter, lora_modules
 from qlora_lab.quant.nf4 import quantize_4bit
 
 
@@ -30,17 +34,28 @@ def unchanged_codes(w0, delta):
     return (codes(w0) == codes(w0 + delta)).float().mean().item()
 
 
+def update_lost(model, adapter_dir, scale):
+    merged = copy.deepcopy(model)
+    load_adapter(merged, adapter_dir)
+    for layer in lora_modules(merged).values():
+        layer.scaling *= scale
+    report = merge_into_4bit(merged)
+    return report.error_norm / report.update_norm
+
+
 def test_right_answers(capsys):
     assert ch08.check_exercise_1(q8_0_roundtrip)
     assert ch08.check_exercise_2(unchanged_codes)
+    assert ch08.check_exercise_3(update_lost)
     out = capsys.readouterr().out
-    assert "Exercise 1: correct" in out and "Exercise 2: correct" in out
+    assert "Exercise 1: correct" in out and "Exercise 2: correct" in out and "Exercise 3: correct" in out
 
 
 def test_skeletons_are_not_attempted(capsys):
     assert ch08.check_exercise_1(skeleton) is False
     assert ch08.check_exercise_2(skeleton) is False
-    assert capsys.readouterr().out.count("not attempted yet") == 2
+    assert ch08.check_exercise_3(skeleton) is False
+    assert capsys.readouterr().out.count("not attempted yet") == 3
 
 
 def test_wrong_answers_get_hints(capsys):
@@ -68,8 +83,30 @@ def test_wrong_answers_get_hints(capsys):
     assert ch08.check_exercise_2(lambda w0, delta: 1.0) is False
     assert "unpack both" in capsys.readouterr().out
 
+    def unscaled(model, adapter_dir, scale):
+        return update_lost(model, adapter_dir, 1.0)
+
+    def moved_not_lost(model, adapter_dir, scale):
+        merged = copy.deepcopy(model)
+        load_adapter(merged, adapter_dir)
+        for layer in lora_modules(merged).values():
+            layer.scaling *= scale
+        report = merge_into_4bit(merged)
+        return report.kept_update_norm / report.update_norm
+
+    def in_place(model, adapter_dir, scale):
+        load_adapter(model, adapter_dir)
+        report = merge_into_4bit(model)
+        return report.error_norm / report.update_norm
+
+    for wrong, hint in [(unscaled, "multiply every LoRALinear's scaling"), (moved_not_lost, "return what was lost"),
+                        (in_place, "changed the model it was given")]:
+        assert ch08.check_exercise_3(wrong) is False
+        assert hint in capsys.readouterr().out
+
 
 def test_bugs_in_the_learners_code_are_feedback(capsys):
     from exercise_feedback import assert_bugs_are_feedback
 
-    assert_bugs_are_feedback(capsys, [(1, ch08.check_exercise_1, ()), (2, ch08.check_exercise_2, ())])
+    assert_bugs_are_feedback(capsys, [(1, ch08.check_exercise_1, ()), (2, ch08.check_exercise_2, ()),
+                                  (3, ch08.check_exercise_3, ())])

@@ -1,5 +1,6 @@
 import torch
 
+from qlora_lab.beyond import fits
 from qlora_lab.exercises import ch09
 from qlora_lab.quant.nf4 import dequantize_4bit, quantize_4bit
 
@@ -42,7 +43,29 @@ def test_exercise_2(capsys):
     assert not ch09.check_exercise_2(not_attempted)
 
 
+def fewest_gpus(config, gib, batch, seq_len, capacity=2**30, part="peak"):
+    for n in range(1, 65):
+        estimate = fits.estimate_per_gpu(config, "qlora", n, batch=batch, seq_len=seq_len)
+        if getattr(estimate, part) < gib * capacity:
+            return n
+    return None
+
+
+def test_exercise_3(capsys):
+    assert ch09.check_exercise_3(fewest_gpus)
+    assert "Exercise 3: correct" in capsys.readouterr().out
+    assert not ch09.check_exercise_3(lambda c, g, b, s: fewest_gpus(c, g, b, s, capacity=10**9))
+    assert "24 * 2**30 bytes" in capsys.readouterr().out
+    assert not ch09.check_exercise_3(lambda c, g, b, s: fewest_gpus(c, g, b, s) or 64)  # never None
+    assert "return None" in capsys.readouterr().out
+    assert not ch09.check_exercise_3(lambda c, g, b, s: float(fewest_gpus(c, g, b, s) or 0))
+    assert "as an int" in capsys.readouterr().out
+    assert not ch09.check_exercise_3(not_attempted)
+    assert "not attempted" in capsys.readouterr().out
+
+
 def test_bugs_in_the_learners_code_are_feedback(capsys):
     from exercise_feedback import assert_bugs_are_feedback
 
-    assert_bugs_are_feedback(capsys, [(1, ch09.check_exercise_1, ()), (2, ch09.check_exercise_2, ())])
+    assert_bugs_are_feedback(capsys, [(1, ch09.check_exercise_1, ()), (2, ch09.check_exercise_2, ()),
+                                  (3, ch09.check_exercise_3, ())])

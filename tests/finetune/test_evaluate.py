@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from qlora_lab.finetune import evaluate
-from qlora_lab.finetune.evaluate import course_eval_text, negative_log_likelihood, perplexity
+from qlora_lab.finetune.evaluate import course_eval_text, course_eval_texts, negative_log_likelihood, perplexity
 
 EVAL_TEXT_SHA256 = "27ddc4d7761fc22fb63aea88c49a2d0425dbd4d351481cbe363ad72261756790"
 
@@ -30,6 +30,13 @@ def test_course_text_is_unchanged():
     text = course_eval_text()
     assert hashlib.sha256(text.encode("utf-8")).hexdigest() == EVAL_TEXT_SHA256
     assert len(text.split()) == 1470
+
+
+def test_course_texts_are_the_five_essays_of_the_joined_text():
+    texts = course_eval_texts()
+    assert list(texts) == ["01_lighthouse", "02_bread", "03_rivers", "04_numbers", "05_garden"]
+    assert [len(t.split()) for t in texts.values()] == [320, 301, 312, 318, 219]  # the datasheet's word counts
+    assert "\n\n".join(texts.values()) == course_eval_text()
 
 
 def test_single_window_equals_direct_computation(tiny):

@@ -147,6 +147,16 @@ def test_float_and_integer_codes():
     assert torch.equal(codes.integer_code(2), torch.tensor([-1.0, 0.0, 1.0]))
 
 
+def test_fp4_e3m0_is_zero_and_seven_powers_of_two_each_side():
+    code = codes.fp4_e3m0_code()
+    powers = [2.0**-k for k in range(6, -1, -1)]  # 1/64, 1/32, ..., 1/2, 1
+    assert torch.equal(code, torch.tensor([-p for p in reversed(powers)] + [0.0] + powers))
+    assert code.dtype == torch.float32
+    # the distinct values of bitsandbytes' own construction of the same layout (QLoRA Table 2's FP4 E3M0)
+    assert torch.equal(code, torch.unique(bnbf.create_fp8_map(signed=True, exponent_bits=3, precision_bits=0,
+                                                               total_bits=4)))
+
+
 # --------------------------------------------------------------------------- #
 # Nearest code
 # --------------------------------------------------------------------------- #
