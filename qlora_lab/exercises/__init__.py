@@ -82,6 +82,17 @@ def tensor_shaped(number: int, got, shape, like: str = "") -> bool:
     return False
 
 
+def dict_keyed(number: int, got, keys, what: str) -> bool:
+    """Whether the learner returned a dict with exactly the keys ``keys``; if
+    not, print what came back (``what`` says what one entry stands for,
+    "one entry per block size [64, 256]" say)."""
+    if isinstance(got, dict) and set(got) == set(keys):
+        return True
+    found = sorted(got, key=str) if isinstance(got, dict) else type(got).__name__
+    print(f"Exercise {number}: return a dict with {what}, got {found}")
+    return False
+
+
 def checker(number: int):
     """Decorate exercise ``number``'s checker: an exception while it inspects
     the learner's answer (a value of an unexpected type, say) becomes feedback

@@ -13,7 +13,7 @@ import math
 
 import torch
 
-from qlora_lab.exercises import call_learner, checker, tensor_shaped
+from qlora_lab.exercises import call_learner, checker, dict_keyed, tensor_shaped
 from qlora_lab.quant import int8
 from qlora_lab.support.checks import summation_tolerance
 
@@ -211,9 +211,7 @@ def check_exercise_4(blocksize_sweep, x: torch.Tensor) -> bool:
         ok, got = call_learner(4, blocksize_sweep, data.clone(), sizes)
         if not ok:
             return False
-        if not isinstance(got, dict) or sorted(got) != sorted(sizes):
-            keys = sorted(got) if isinstance(got, dict) else type(got).__name__
-            print(f"Exercise 4: return a dict with one entry per block size {list(sizes)}, got {keys}.")
+        if not dict_keyed(4, got, sizes, f"one entry per block size {list(sizes)}"):
             return False
         for blocksize, (error, bits) in expected.items():
             answer = got[blocksize]

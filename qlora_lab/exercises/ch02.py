@@ -13,7 +13,7 @@ import math
 
 import torch
 
-from qlora_lab.exercises import call_learner, checker
+from qlora_lab.exercises import call_learner, checker, dict_keyed
 from qlora_lab.quant import codes, fake_quant, nf4
 
 #: The block sizes of exercise 3, and its three data types.
@@ -151,9 +151,7 @@ def check_exercise_3(my_block_size_errors, x) -> bool:
     ok, got = call_learner(3, my_block_size_errors, x.clone(), EXERCISE_3_BLOCKSIZES)
     if not ok:
         return False
-    if not isinstance(got, dict) or sorted(got) != sorted(EXERCISE_3_BLOCKSIZES):
-        keys = sorted(got) if isinstance(got, dict) else type(got).__name__
-        print(f"Exercise 3: return a dict keyed by the block sizes {list(EXERCISE_3_BLOCKSIZES)}, got {keys}")
+    if not dict_keyed(3, got, EXERCISE_3_BLOCKSIZES, f"one entry per block size {list(EXERCISE_3_BLOCKSIZES)}"):
         return False
     expected = block_size_errors(x)
     tolerance = max(math.sqrt(x.numel()), math.log2(x.numel()) + 1) * torch.finfo(torch.float32).eps

@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from qlora_lab.exercises import call_learner, checker, tensor_shaped
+from qlora_lab.exercises import call_learner, checker, dict_keyed, tensor_shaped
 from qlora_lab.lora import LoRALinear, lora_parameter_count
 from qlora_lab.lora.ablation import PlacementStudy
 from qlora_lab.support.checks import summation_tolerance
@@ -192,9 +192,7 @@ def check_exercise_4(single_matrix_losses, study: PlacementStudy, r: int = 16) -
     ok, got = call_learner(4, single_matrix_losses, study, r)
     if not ok:
         return False
-    if not isinstance(got, dict) or set(got) != set(LINEAR_LAYERS):
-        keys = sorted(got) if isinstance(got, dict) else type(got).__name__
-        print(f"Exercise 4: return a dict with one entry per linear layer, {', '.join(LINEAR_LAYERS)}; got {keys}")
+    if not dict_keyed(4, got, LINEAR_LAYERS, f"one entry per linear layer, {', '.join(LINEAR_LAYERS)};"):
         return False
     losses = {name: _as_number(value) for name, value in got.items()}
     bad = [name for name, value in losses.items() if value is None or not value == value or value < 0]

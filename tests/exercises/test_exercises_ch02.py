@@ -137,7 +137,7 @@ def test_exercise_3(capsys):
     assert not ch02.check_exercise_3(mean_absolute, x)
     assert "||Q(x) - x|| / ||x||" in capsys.readouterr().out
     assert not ch02.check_exercise_3(lambda x, bs: {64: {}}, x)
-    assert "keyed by the block sizes" in capsys.readouterr().out
+    assert "one entry per block size" in capsys.readouterr().out
     no_fp4 = lambda x, bs: {b: {"Int4": 0.1, "NF4": 0.1} for b in bs}  # noqa: E731
     assert not ch02.check_exercise_3(no_fp4, x)
     assert "'FP4'" in capsys.readouterr().out

@@ -71,6 +71,12 @@ DETOURS = {
            "The rescaling constant in bitsandbytes' pure-PyTorch kernel"],
     "02": ["### Where bitsandbytes disagrees with itself", "from bitsandbytes.backends.cpu.ops import _has_avx512"],
     "03": ["## 8. Bad inputs", "bad_calls = {"],
+    "05": ["### Double quantization, and eval mode", "theirs_dq = bitsandbytes_layer(dense, double_quant=True)",
+           "**A note on `.train()`.**"],
+    "06": ["### Where bitsandbytes makes these calls", "### Where bitsandbytes decides, and what it does on a CPU",
+           "On a CPU there is no unified memory", "paged_bnb = bnb.optim.PagedAdamW32bit"],
+    "07": ["### What the released Guanaco code labels", "### Checks before the first step"],
+    "09": ["packed = layer.weight.detach().reshape(-1, 2)"],
 }
 
 
