@@ -139,13 +139,74 @@ BUILDERS = {"qlora_lab": build_qlora_lab, "bitsandbytes": build_bitsandbytes, "l
 # --------------------------------------------------------------------------- #
 # The measuring process
 # --------------------------------------------------------------------------- #
+#: Where a step's time goes: each operator of the torch profile, by the first
+#: category whose names it matches (its self time: time inside it, not in operators it calls).
+#: ``aten::mul`` is left in "other operators": it is both the absmax multiply of our
+#: dequantization and the elementwise work of the model (RMSNorm, SiLU gating, RoPE).
+CATEGORIES = (
+    ("matmul", ("aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm", "aten::_scaled_dot_product",
+                "aten::_flash_attention", "aten::matmul", "aten::linear", "MmBackward", "AddmmBackward",
+                "BmmBackward")),
+    ("dequantization", ("bitsandbytes::", "aten::index_select", "DequantizeLinear", "MatMul4Bit")),
+    ("loss", ("aten::log_softmax", "aten::_log_softmax", "aten::nll_loss", "aten::cross_entropy")),
+    ("optimizer", ("aten::_fused_adamw", "aten::_foreach", "aten::addcdiv", "aten::addcmul", "aten::lerp",
+                   "aten::sqrt")),
+)
+
+
+def matmul_peak_flops(size: int = 2048, repeats: int = 10) -> float:
+    """This machine's float32 matrix-multiply rate (FLOP/s) with the current thread count:
+    the median of ``repeats`` products of two ``size`` x ``size`` matrices."""
+    a, b = torch.randn(size, size), torch.randn(size, size)
+    a @ b
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        a @ b
+        times.append(time.perf_counter() - start)
+    return 2 * size ** 3 / statistics.median(times)
+
+
+def profile_breakdown(prof, wall: float) -> tuple[dict[str, float], int]:
+    """Seconds of a profiled step by category (the self CPU time of its operators), the rest
+    of the wall time as Python and framework overhead; and the matmul FLOPs the profiler counted."""
+    spent = {name: 0.0 for name, _ in CATEGORIES}
+    spent["other operators"] = 0.0
+    flops = 0
+    for event in prof.key_averages():
+        category = next((name for name, prefixes in CATEGORIES if event.key.startswith(prefixes)), "other operators")
+        spent[category] += event.self_cpu_time_total / 1e6
+        flops += event.flops or 0
+    # PyTorch's worker threads run inside the operators of the main thread, whose self
+    # times add up to at most the wall time: the rest is time outside any operator.
+    spent["Python and framework overhead"] = max(0.0, wall - sum(spent.values()))
+    return spent, flops
+
+
+def profile_summary(prof, wall: float, peak: float) -> str:
+    """:func:`profile_breakdown` as a table, and the matmul FLOPs against ``peak`` FLOP/s."""
+    spent, flops = profile_breakdown(prof, wall)
+    lines = [f"{'where the step goes':32s}{'s':>8s}{'share':>8s}"]
+    for name, seconds in spent.items():
+        lines.append(f"{name:32s}{seconds:>8.2f}{seconds / wall:>8.1%}")
+    lines.append(f"{'wall time of the profiled step':32s}{wall:>8.2f}")
+    lines.append(f"matmul FLOPs counted by the profiler: {flops / 1e9:.1f} GFLOP; at this machine's measured "
+                 f"float32 matmul rate ({peak / 1e9:.1f} GFLOP/s, 2048 x 2048) they need {flops / peak:.2f} s, "
+                 f"{flops / peak / wall:.1%} of the step")
+    return "\n".join(lines)
+
+
 def _profile_step(step, batch: torch.Tensor, profiler: str, rows: int) -> None:
     if profiler == "torch":
         from torch.profiler import ProfilerActivity, profile
 
-        with profile(activities=[ProfilerActivity.CPU]) as prof:
+        peak = matmul_peak_flops()
+        with profile(activities=[ProfilerActivity.CPU], with_flops=True) as prof:
+            start = time.perf_counter()
             step(batch)
+            wall = time.perf_counter() - start
         print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=rows, max_name_column_width=60))
+        print(profile_summary(prof, wall, peak))
     else:
         import cProfile
         import io

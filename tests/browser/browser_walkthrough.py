@@ -6,8 +6,10 @@ through `executable_path`, so Playwright downloads no browser of its own):
 1. The JupyterLab walkthrough. JupyterLab starts on a free port; the chosen chapters
    open in it, their outputs are cleared and they run with Run > Run All Cells, as a
    learner would. The run fails on any error output, on a cell that never finishes and
-   on a dead kernel. Then View > Render as Reveal Slideshow must show the chapter as
-   slides (jupyterlab-rise, the live slideshow).
+   on a dead kernel. Where the chapter has interactive figures (`qlora_lab.explore`),
+   the first knob of each is moved with the keyboard, as a learner would move it, and
+   the printed numbers and the figure must change. Then View > Render as Reveal
+   Slideshow must show the chapter as slides (jupyterlab-rise, the live slideshow).
 2. The decks. Every `slides/*.slides.html` opens from the file system with every
    network request refused. Every slide must show something, draw its formulas and
    images, and fit 1280 x 720 (the deck's configured size, read from reveal.js).
@@ -42,8 +44,8 @@ CHROMIUM = "/usr/bin/chromium"
 # Root in a container, no network: no sandbox, no GPU, nothing that phones home.
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
                  "--disable-background-networking", "--disable-component-update", "--disable-sync"]
-#: Chapter 00 and one chapter that runs in well under a minute: the two the walkthrough runs.
-DEFAULT_LAB_NOTEBOOKS = ["00_welcome.ipynb", "04_lora.ipynb"]
+#: Chapter 00 and two chapters that run in well under a minute, each with an interactive figure.
+DEFAULT_LAB_NOTEBOOKS = ["00_welcome.ipynb", "01_numbers_and_int8.ipynb", "04_lora.ipynb"]
 NOTEBOOK_TIMEOUT_S = 600
 
 
@@ -286,9 +288,50 @@ def run_notebook_in_lab(page, port: int, token: str, name: str, scratch: Path, f
     not_run = [i for i, c in enumerate(code) if c.get("execution_count") is None]
     if not_run and not any(name in m for m in failures.messages):
         failures.add(f"{name}: code cells {not_run} were not run")
+    moved = move_knobs(page, name, saved, failures, shots)
     check_rise(page, name, saved, failures, shots)
     print(f"lab {name}: {len(code) - len(not_run)} of {len(code)} code cells run through the UI, "
-          f"{len(errors)} errors, {time.monotonic() - started:.0f} s", flush=True)
+          f"{len(errors)} errors, {moved} interactive figure(s) moved, {time.monotonic() - started:.0f} s", flush=True)
+
+
+# The interactive figures of the visible notebook: per explorer, its printed numbers and its image.
+EXPLORERS = """() => {
+  const panel = [...document.querySelectorAll(".jp-NotebookPanel")].find((p) => p.offsetParent !== null);
+  return [...panel.querySelectorAll(".qlora-lab-explorer")].map((box) => ({
+    text: (box.querySelector(".widget-html pre") || {textContent: ""}).textContent,
+    image: ((box.querySelector(".jupyter-widgets-output-area img") || {src: ""}).src || "").length,
+    sliders: box.querySelectorAll(".noUi-handle").length,
+  }));
+}"""
+
+
+def move_knobs(page, name: str, saved: dict, failures: Failures, shots: Path) -> int:
+    """Every explorer the notebook shows: press the right arrow on its first slider and wait
+    until its numbers and its figure change. Returns how many explorers changed."""
+    expected = sum("widgets.explore(" in "".join(c["source"]) for c in saved["cells"] if c["cell_type"] == "code")
+    before = page.evaluate(EXPLORERS)
+    if len(before) != expected or any(not b["text"] or not b["image"] or not b["sliders"] for b in before):
+        failures.add(f"{name}: {expected} explorer cell(s), the page shows {before}")
+        return 0
+    changed = 0
+    for i, old in enumerate(before):
+        box = page.locator(".jp-NotebookPanel:visible .qlora-lab-explorer").nth(i)
+        box.scroll_into_view_if_needed()
+        handle = box.locator(".noUi-handle").first
+        handle.focus()
+        handle.press("ArrowRight")
+        try:
+            page.wait_for_function(f"() => {{ const now = ({EXPLORERS})()[{i}];"
+                                   f" return now && now.text !== {json.dumps(old['text'])}; }}", timeout=60_000)
+        except Exception:  # noqa: BLE001  (Playwright's timeout)
+            failures.add(f"{name}: explorer {i + 1}: moving its first slider changed nothing ({old['text']!r})")
+            continue
+        page.wait_for_timeout(500)
+        now = page.evaluate(EXPLORERS)[i]
+        page.screenshot(path=str(shots / f"{Path(name).stem}-explorer-{i + 1}.png"))
+        print(f"lab {name}: explorer {i + 1}: {old['text'][:70]!r} -> {now['text'][:70]!r}", flush=True)
+        changed += 1
+    return changed
 
 
 def check_rise(page, name: str, saved: dict, failures: Failures, shots: Path) -> None:

@@ -315,3 +315,21 @@ def test_streaming_load_measures_a_load_and_deletes_the_checkpoint(tiny_config, 
     assert r["peak_bytes"] > r["runtime_bytes"] > 0 and r["model_bytes"] > 0
     assert [p.name for p in tmp_path.iterdir()] == ["out.json"]  # the checkpoint is gone
     assert "target: the whole load under 8.00 GB" in capsys.readouterr().out
+
+
+def test_the_step_profile_puts_each_operator_in_its_category_and_counts_matmul_flops(train_step):
+    """--profile torch: a matrix product is 'matmul' with its 2 n^3 FLOPs, a log-softmax is
+    'loss', and what no operator took is overhead; the shares add up to the wall time."""
+    from torch.profiler import ProfilerActivity, profile
+
+    a, b = torch.randn(512, 512), torch.randn(512, 512)
+    with profile(activities=[ProfilerActivity.CPU], with_flops=True) as prof:
+        torch.mm(a, b).log_softmax(-1).relu()
+    spent, flops = train_step.profile_breakdown(prof, wall=1.0)
+    assert spent["matmul"] > 0 and spent["loss"] > 0 and spent["other operators"] > 0
+    assert spent["dequantization"] == 0 and spent["optimizer"] == 0
+    assert math.isclose(sum(spent.values()), 1.0)
+    assert flops == 2 * 512 ** 3
+    summary = train_step.profile_summary(prof, wall=1.0, peak=1e9)
+    assert "Python and framework overhead" in summary and f"{flops / 1e9:.1f} GFLOP" in summary
+    assert train_step.matmul_peak_flops(size=128, repeats=3) > 1e6
