@@ -32,7 +32,7 @@ class Check:
 
     def line(self) -> str:
         status = "OK  " if self.ok else "FAIL"
-        return f"[{status}] {self.name:<14} {self.found:<12} (expected {self.expected})"
+        return f"[{status}] {self.name:<19} {self.found:<12} (expected {self.expected})"
 
 
 def _pyproject() -> dict:
