@@ -299,7 +299,7 @@ EXPLORERS = """() => {
   const panel = [...document.querySelectorAll(".jp-NotebookPanel")].find((p) => p.offsetParent !== null);
   return [...panel.querySelectorAll(".qlora-lab-explorer")].map((box) => ({
     text: (box.querySelector(".widget-html pre") || {textContent: ""}).textContent,
-    image: ((box.querySelector(".jupyter-widgets-output-area img") || {src: ""}).src || "").length,
+    image: ((box.querySelector("img") || {src: ""}).src || "").length,
     sliders: box.querySelectorAll(".noUi-handle").length,
   }));
 }"""
