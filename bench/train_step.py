@@ -140,7 +140,7 @@ BUILDERS = {"qlora_lab": build_qlora_lab, "bitsandbytes": build_bitsandbytes, "l
 # The measuring process
 # --------------------------------------------------------------------------- #
 #: Where a step's time goes: each operator of the torch profile, by the first
-#: category whose names it matches (its self time: time inside it, not in operators it calls).
+#: category whose names it matches (its self time: time inside it, not in operators it calls);
 #: ``aten::mul`` is left in "other operators": it is both the absmax multiply of our
 #: dequantization and the elementwise work of the model (RMSNorm, SiLU gating, RoPE).
 CATEGORIES = (

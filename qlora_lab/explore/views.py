@@ -57,8 +57,8 @@ def int_grid(x: torch.Tensor, bits: int = 8, scheme: str = "absmax", outlier: fl
     elif scheme == "zero-point":
         q, scale, zero = zeropoint.zeropoint_quantize(x, bits)
         x_hat = zeropoint.zeropoint_dequantize(q, scale, zero)
-        grid = zeropoint.zeropoint_dequantize(torch.arange(-2 ** (bits - 1), 2 ** (bits - 1), dtype=torch.int16)
-                                              .to(torch.int8 if bits <= 8 else torch.int16), scale, zero)
+        levels = torch.arange(-2 ** (bits - 1), 2 ** (bits - 1), dtype=torch.int16).to(torch.int8)  # bits <= 8
+        grid = zeropoint.zeropoint_dequantize(levels, scale, zero)
     else:
         raise ValueError(f"scheme must be 'absmax' or 'zero-point', got {scheme!r}")
     error = (x_hat[:-1] - rest).abs().mean().item() / rest.abs().mean().item()
