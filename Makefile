@@ -130,7 +130,7 @@ notebook-times: $(STAMP)
 	$(BIN)/python bench/notebook_times.py $(NOTEBOOK_TIMES_ARGS)
 
 # Speed and memory against the libraries; writes bench/RESULTS.md
-# (about 15 min on 2 cores; the 7B step needs ~6.5 GB of free memory).
+# (17 min 5 s on 2 cores on 2026-12-07, bench/README.md; the 7B step needs ~6.5 GB of free memory).
 BENCH_ARGS ?=
 bench: $(STAMP)
 	$(BIN)/python bench/run_all.py $(BENCH_ARGS)

@@ -175,8 +175,8 @@ def test_dry_run_prints_each_backend_s_needs_and_the_gpus_that_fit(capsys):
     table = out[out.index("what each backend needs for llama-7b on cuda:"):].splitlines()
     assert table[1].split() == ["backend", "step", "peak", "host", "for", "the", "load",
                                 "12", "GB", "16", "GB", "24", "GB", "40", "GB", "48", "GB", "80", "GB"]
-    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
-    assert "\n".join("  " + line for line in table[1:4]) in readme, "the README's dry-run table is not the output"
+    readme = (Path(__file__).resolve().parents[2] / "docs" / "gpu.md").read_text()
+    assert "\n".join("  " + line for line in table[1:4]) in readme, "docs/gpu.md's dry-run table is not the output"
     rows = {line.split()[0]: line.split() for line in table[2:4]}
     assert rows["bitsandbytes"][1] == "(default)"
     for backend, row in rows.items():
@@ -211,7 +211,7 @@ def test_dry_run_of_today_s_7b_models_reads_their_shipped_configs_offline(capsys
     row = table[3].split()
     assert row[0] == "qlora_lab" and 6.0 < float(row[-10]) < 10.0, row
     assert row[-6:] == ["fits"] * 6, row  # the recipe's batch 1 x 512 fits a 12 GB card
-    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    readme = (Path(__file__).resolve().parents[2] / "docs" / "gpu.md").read_text()
     assert f"{hub_id.split('/')[1].removesuffix('-Instruct')} {row[-10]} GB" in " ".join(readme.split())
 
 

