@@ -100,7 +100,7 @@ def test_the_readme_is_a_landing_page():
     path = text[text.index("## Your path"):]
     missing = [page for page in READER_PAGES if f"]({page})" not in path]
     assert not missing, f"the README's 'Your path' does not link {missing}"
-    images = [t for t in re.findall(r"!\[[^\]]*\]\(([^)]+)\)", text)]
+    images = re.findall(r"!\[[^\]]*\]\(([^)]+)\)", text)
     assert images == [str(COURSE_MAP.relative_to(ROOT))], f"the README should show one picture, the course map: {images}"
 
 

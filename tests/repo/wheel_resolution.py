@@ -36,7 +36,7 @@ def pinned_requirements() -> list[str]:
 
 
 #: (label, uv's --python-platform). torch 2.13.0's macOS wheels need macOS 14
-#: (MACOSX_DEPLOYMENT_TARGET below); the README says so.
+#: (MACOSX_DEPLOYMENT_TARGET below); docs/laptop.md says so.
 PLATFORMS = [("linux-x86_64", "x86_64-manylinux_2_28"), ("macos-arm64", "aarch64-apple-darwin")]
 MACOS_VERSION = "14.0"
 
