@@ -27,7 +27,8 @@ SETUPS = ((2, 24), (2, 48), (4, 24))
 
 #: Answer.AI's published runs of FSDP-QLoRA: (model, GPUs, GiB) -> (batch, tokens, what they report).
 PUBLISHED = {
-    ("llama-2-70b", 2, 24): (2, 2048, "trained (Answer.AI): gradient checkpointing + CPU offload, ~55 GB host RAM"),
+    ("llama-2-70b", 2, 24): (2, 512, "trained (fsdp_qlora README): gradient checkpointing + CPU offload, "
+                                     ">128 GB CPU RAM"),
     ("llama-2-70b", 4, 40): (2, 512, "trained (Answer.AI's README example, 4 x A100 40 GB): no CPU offload"),
 }
 PUBLISHED_SOURCES = (
