@@ -1,15 +1,19 @@
-"""Chapter 07's first code cell installs the course in Colab and Kaggle. Here it runs as
-it would there, as far as this machine allows: in a fresh virtual environment, told it
-is on Kaggle, with the course's repository given as a local clone.
+"""The first code cell of chapters 00-07 installs the course in Colab and Kaggle: the course and
+the model package with ``--no-deps``, then pyproject.toml's ``hosted`` extra, version ranges that
+keep the runtime's torch when it is inside (tests/repo/test_hosted_extra.py resolves them). The
+install part is one text, the same in every chapter; chapter 07 adds its preset after it.
 
-To avoid downloading every pinned library again, the fresh environment sees the course
-environment's site-packages through a ``.pth`` file, so pip finds the pins satisfied and
-installs the course itself (an editable install of the clone) and the model package.
+Here the cell runs as it would there, as far as this machine allows: in a fresh virtual
+environment, told it is on Kaggle, with the course's repository given as a local clone. The fresh
+environment sees the course environment's site-packages through a ``.pth`` file, standing in for the
+runtime's preinstalled libraries: pip must find every range satisfied by them, keep their torch, and
+install only the course itself (an editable install of the clone).
 """
 
 from __future__ import annotations
 
 import json
+from importlib import metadata
 import os
 import shutil
 import subprocess
@@ -18,7 +22,8 @@ import sysconfig
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
-NOTEBOOKS_WITH_THE_CELL = ["07_finetune_7b.ipynb"]
+NOTEBOOKS_WITH_THE_CELL = sorted(p.name for p in (ROOT / "notebooks").glob("0[0-7]_*.ipynb"))
+CANONICAL = "00_welcome.ipynb"  # the install part as every chapter has it; 07 adds its preset after it
 MARKER = "COURSE_REPO = "
 
 
@@ -48,8 +53,31 @@ def course_repository(where: Path) -> Path:
 
 
 def test_the_cell_is_the_first_code_cell_everywhere():
+    assert len(NOTEBOOKS_WITH_THE_CELL) == 8, NOTEBOOKS_WITH_THE_CELL
     for notebook in NOTEBOOKS_WITH_THE_CELL:
         assert "pip" in install_cell(notebook)
+
+
+def test_the_install_part_is_one_text_everywhere():
+    """One source of truth: chapters 00-06 have the install part exactly, 07 begins with it."""
+    install = install_cell(CANONICAL)
+    assert '["hosted"]' in install and '"--no-deps"' in install
+    for notebook in NOTEBOOKS_WITH_THE_CELL:
+        cell = install_cell(notebook)
+        if notebook.startswith("07_"):
+            assert cell.startswith(install + "\n\n"), f"{notebook}: the install part differs from {CANONICAL}'s"
+        else:
+            assert cell == install, f"{notebook}: the install cell differs from {CANONICAL}'s"
+
+
+def test_the_stored_output_is_what_the_cell_prints_here():
+    """Not hosted, the cell installs nothing and says so; the committed output is that line."""
+    for notebook in NOTEBOOKS_WITH_THE_CELL:
+        cells = json.loads((ROOT / "notebooks" / notebook).read_text())["cells"]
+        cell = next(c for c in cells if c["cell_type"] == "code")
+        text = "".join(o.get("text", "") if isinstance(o.get("text"), str) else "".join(o["text"])
+                       for o in cell["outputs"])
+        assert text.startswith("not on Colab or Kaggle: nothing to install"), f"{notebook}: {text!r}"
 
 
 def test_the_install_cell_runs_in_a_fresh_environment(tmp_path):
@@ -65,7 +93,8 @@ def test_the_install_cell_runs_in_a_fresh_environment(tmp_path):
     workdir = tmp_path / "kaggle-working"
     workdir.mkdir()
     script = install_cell("07_finetune_7b.ipynb") + (
-        "\nimport qlora_lab\nprint('qlora_lab from', qlora_lab.__file__)\nprint('cwd', os.getcwd())\n")
+        "\nimport qlora_lab, torch\nprint('qlora_lab from', qlora_lab.__file__)\nprint('cwd', os.getcwd())\n"
+        "print('torch from', torch.__file__)\n")
     env = {k: v for k, v in os.environ.items() if not k.startswith(("PYTHON", "VIRTUAL_ENV"))}
     env.update(KAGGLE_KERNEL_RUN_TYPE="Interactive", QLORA_LAB_REPO=str(repo),
                PIP_DISABLE_PIP_VERSION_CHECK="1")
@@ -76,6 +105,11 @@ def test_the_install_cell_runs_in_a_fresh_environment(tmp_path):
     assert f"qlora_lab from {checkout}/qlora_lab/__init__.py" in result.stdout, result.stdout
     assert f"cwd {checkout}/notebooks" in result.stdout
     assert "the command-line preset is smollm2-cpu" in result.stdout  # no GPU here
+    # the runtime's torch (here: the course environment's, in range) is kept, not installed again
+    course_site = sysconfig.get_paths()["purelib"]
+    assert f"torch from {course_site}/torch/__init__.py" in result.stdout, result.stdout
+    assert not list(Path(fresh_site).glob("torch*")), "pip installed a torch of its own"
+    assert f"with torch {metadata.version('torch')}" in result.stdout, result.stdout
     installed = subprocess.run([str(fresh), "-m", "pip", "show", "qlora-lab"], capture_output=True, text=True,
                                env=env).stdout
     assert f"Editable project location: {checkout}" in installed, installed

@@ -17,8 +17,9 @@ def _parse(requirement: str) -> tuple[str, str]:
 def pyproject_pins() -> dict[str, str]:
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
     requirements = list(project["dependencies"])
-    for extra in project.get("optional-dependencies", {}).values():
-        requirements += extra
+    for name, extra in project.get("optional-dependencies", {}).items():
+        if name != "hosted":  # Colab's and Kaggle's ranges, not pins: tests/repo/test_hosted_extra.py
+            requirements += extra
     return dict(_parse(r) for r in requirements)
 
 

@@ -30,8 +30,9 @@ def supported_versions() -> list[str]:
 
 def pinned_requirements() -> list[str]:
     lines = list(PROJECT["dependencies"])
-    for extra in PROJECT.get("optional-dependencies", {}).values():
-        lines += extra
+    for name, extra in PROJECT.get("optional-dependencies", {}).items():
+        if name != "hosted":  # Colab's and Kaggle's ranges, not pins: tests/repo/test_hosted_extra.py
+            lines += extra
     return lines
 
 
