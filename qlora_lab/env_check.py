@@ -7,18 +7,28 @@ model file is installed. The exit code is 1 when anything failed.
 
 The pins matter: notebook outputs are compared digit for digit in CI, and a
 different torch or bitsandbytes release can change the last digit of a result.
+
+On Colab and Kaggle the first cell of chapters 00 to 07 installs the libraries
+as the ``hosted`` extra's ranges, keeping the runtime's own torch when it is in
+range, and none of the course's tools (JupyterLab, nbval, pytest, ...). There
+each library is checked against its range instead, and the report says that a
+version other than the pin may move the last digits of a printed number.
 """
 
 from __future__ import annotations
 
 import importlib
 import importlib.metadata as metadata
+import os
 import re
 import sys
 from dataclasses import dataclass
 from pathlib import Path
 
 FIX_HINT = "run `make lab` (or `pip install -e '.[course]'`) to install the pinned versions"
+HOSTED_FIX_HINT = ("run this chapter's first code cell again (it installs the `hosted` ranges), "
+                   "then restart the runtime")
+HOSTED_EXTRA = "hosted"
 
 
 @dataclass(frozen=True)
@@ -64,6 +74,12 @@ def supported_pythons() -> str:
         return _pyproject()["requires-python"]
 
 
+def hosted_runtime(environ=os.environ, modules=sys.modules) -> bool:
+    """True on Google Colab or Kaggle (the test the chapters' install cell makes,
+    plus Colab's environment variable for a terminal there)."""
+    return "google.colab" in modules or "COLAB_RELEASE_TAG" in environ or "KAGGLE_KERNEL_RUN_TYPE" in environ
+
+
 def pinned_versions() -> dict[str, str]:
     """``{distribution name: pinned version}`` for every ``name==version`` pin."""
     pins = {}
@@ -74,12 +90,33 @@ def pinned_versions() -> dict[str, str]:
     return pins
 
 
+def hosted_ranges() -> dict[str, str]:
+    """``{distribution name: version range}`` of the ``hosted`` extra, e.g.
+    ``{"torch": ">=2.10,<2.16", ...}``."""
+    from packaging.requirements import Requirement
+
+    ranges = {}
+    for line in _requirement_lines():
+        requirement = Requirement(line)
+        marker = requirement.marker
+        if marker is not None and marker.evaluate({"extra": HOSTED_EXTRA}) and not marker.evaluate({"extra": ""}):
+            lower_first = sorted(map(str, requirement.specifier), key=lambda clause: not clause.startswith(">"))
+            ranges[requirement.name.lower()] = ",".join(lower_first)
+    return ranges
+
+
 def base_version(version: str) -> str:
     """``2.13.0+cpu`` -> ``2.13.0``: the local label names the build, not the release."""
     return version.split("+", 1)[0]
 
 
-def check_packages() -> list[Check]:
+def check_packages(hosted: bool | None = None) -> list[Check]:
+    """One check per pin; on a hosted runtime (``hosted=None`` asks
+    :func:`hosted_runtime`), one per range of the ``hosted`` extra instead."""
+    if hosted is None:
+        hosted = hosted_runtime()
+    if hosted:
+        return check_hosted_packages()
     checks = []
     for name, pinned in pinned_versions().items():
         try:
@@ -88,6 +125,24 @@ def check_packages() -> list[Check]:
             checks.append(Check(name, False, "missing", pinned))
             continue
         checks.append(Check(name, base_version(found) == pinned, base_version(found), pinned))
+    return checks
+
+
+def check_hosted_packages() -> list[Check]:
+    """Each library of the ``hosted`` extra against its range, the pin beside it."""
+    from packaging.specifiers import SpecifierSet
+
+    pins, ranges, checks = pinned_versions(), hosted_ranges(), []
+    if not ranges:
+        return [Check("hosted extra", False, "missing", "pyproject.toml's `hosted` ranges")]
+    for name, specifier in ranges.items():
+        expected = f"{specifier}; pin {pins.get(name, '-')}"
+        try:
+            found = base_version(metadata.version(name))
+        except metadata.PackageNotFoundError:
+            checks.append(Check(name, False, "missing", expected))
+            continue
+        checks.append(Check(name, SpecifierSet(specifier).contains(found, prereleases=True), found, expected))
     return checks
 
 
@@ -146,20 +201,29 @@ def check_model_file() -> Check:
     return Check("SmolLM2 file", True, f"{path.stat().st_size / 1e6:.1f} MB", "the package's Q4_1 GGUF")
 
 
-def report(file=None) -> bool:
+def report(file=None, hosted: bool | None = None) -> bool:
     """Print the report; return True when every check passed."""
     file = file or sys.stdout
-    print("qlora-lab environment check", file=file)
-    checks = [check_python(), *check_packages()]
+    hosted = hosted_runtime() if hosted is None else hosted
+    print("qlora-lab environment check" + (" (Colab or Kaggle: the hosted ranges)" if hosted else ""), file=file)
+    checks = [check_python(), *check_packages(hosted)]
     for check in checks:
         print(check.line(), file=file)
+    if hosted:
+        pins = pinned_versions()
+        moved = [c.name for c in checks[1:] if c.ok and c.found != pins.get(c.name)]
+        print(f"[INFO] {'hosted':<14} the course's tools (JupyterLab, nbval, pytest, ...) are not needed here", file=file)
+        if moved:
+            print(f"[INFO] {'not the pins':<14} {', '.join(moved)}: a printed number may differ from the "
+                  "stored one in its last digits", file=file)
     model = check_model_file()
     print(model.line(), file=file)
     bnb_ok, bnb_text = bitsandbytes_summary()
     print(f"[{'OK  ' if bnb_ok else 'FAIL'}] {'bitsandbytes':<14} {bnb_text}", file=file)
     print(f"[INFO] {'device':<14} {device_summary()}", file=file)
     ok = all(c.ok for c in checks) and model.ok and bnb_ok
-    print("All checks passed." if ok else f"Some checks failed: {FIX_HINT}.", file=file)
+    print("All checks passed." if ok else f"Some checks failed: {HOSTED_FIX_HINT if hosted else FIX_HINT}.",
+          file=file)
     return ok
 
 

@@ -76,3 +76,68 @@ def test_python_versions_come_from_requires_python(version, ok):
     check = env_check.check_python(version)
     assert check.ok is ok and check.found == f"{version[0]}.{version[1]}"
     assert check.expected == "3.11 to 3.14"
+
+
+@pytest.mark.parametrize("environ, modules, hosted", [
+    ({}, {}, False),
+    ({"KAGGLE_KERNEL_RUN_TYPE": "Interactive"}, {}, True),
+    ({"COLAB_RELEASE_TAG": "release-colab-20261201"}, {}, True),
+    ({}, {"google.colab": object()}, True),
+])
+def test_hosted_runtimes_are_recognised(environ, modules, hosted):
+    assert env_check.hosted_runtime(environ, modules) is hosted
+
+
+def test_hosted_ranges_are_pyprojects_hosted_extra():
+    import tomllib
+    from pathlib import Path
+
+    from packaging.requirements import Requirement
+    from packaging.specifiers import SpecifierSet
+
+    project = tomllib.loads((Path(__file__).resolve().parents[1] / "pyproject.toml").read_text())["project"]
+    expected = {r.name: r.specifier for r in map(Requirement, project["optional-dependencies"]["hosted"])}
+    ranges = env_check.hosted_ranges()
+    assert set(ranges) == set(expected) and ranges["torch"] == ">=2.10,<2.16"
+    for name, specifier in ranges.items():
+        assert SpecifierSet(specifier) == expected[name], name
+
+
+def _fake_versions(monkeypatch, **versions):
+    real_version = env_check.metadata.version
+    monkeypatch.setattr(env_check.metadata, "version", lambda name: versions.get(name) or real_version(name))
+
+
+def test_hosted_report_checks_ranges_and_not_the_course_tools():
+    out = io.StringIO()
+    assert env_check.report(file=out, hosted=True)
+    text = out.getvalue()
+    assert "(Colab or Kaggle: the hosted ranges)" in text and "All checks passed." in text
+    assert "expected >=2.10,<2.16; pin 2.13.0" in text
+    assert " nbval " not in text and " jupyterlab " not in text  # make test's tools are not installed there
+    assert "not the pins" not in text  # this environment has the pins
+
+
+def test_a_hosted_torch_inside_the_range_passes_and_is_named(monkeypatch):
+    _fake_versions(monkeypatch, torch="2.12.1+cu126")
+    out = io.StringIO()
+    assert env_check.report(file=out, hosted=True)
+    line = next(l for l in out.getvalue().splitlines() if " torch " in l)
+    assert line.startswith("[OK  ]") and "2.12.1" in line
+    assert "[INFO] not the pins   torch: a printed number may differ" in out.getvalue()
+
+
+def test_a_hosted_torch_outside_the_range_fails_with_the_hosted_fix(monkeypatch):
+    _fake_versions(monkeypatch, torch="2.9.0+cu126")
+    out = io.StringIO()
+    assert not env_check.report(file=out, hosted=True)
+    line = next(l for l in out.getvalue().splitlines() if " torch " in l)
+    assert line.startswith("[FAIL]") and "2.9.0" in line
+    assert env_check.HOSTED_FIX_HINT in out.getvalue() and "make lab" not in out.getvalue()
+
+
+def test_the_pins_are_checked_away_from_hosted_runtimes(monkeypatch):
+    monkeypatch.delenv("KAGGLE_KERNEL_RUN_TYPE", raising=False)
+    monkeypatch.delenv("COLAB_RELEASE_TAG", raising=False)
+    assert not env_check.hosted_runtime()
+    assert {c.name for c in env_check.check_packages()} >= {"nbval", "pytest", "torch"}

@@ -113,6 +113,11 @@ def explore(view: View, **controls):
     box.redraw = redraw
     for control in controls.values():
         control.observe(redraw, names="value")
+    if not hasattr(box, "_repr_mimebundle_"):
+        # ipywidgets 7, which Colab ships (its front end does not show 8): the widget displays
+        # itself, without the stored text and PNG forms; the live figure is the same
+        display(box)
+        return box
     bundle = box._repr_mimebundle_()
     bundle = dict(bundle[0] if isinstance(bundle, tuple) else bundle)
     bundle["text/plain"] = text

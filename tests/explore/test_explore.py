@@ -135,6 +135,23 @@ def test_explore_redraws_when_a_knob_moves_and_saves_the_default(capsys):
     assert box.redraw().startswith("3-bit absmax")
 
 
+def test_explore_shows_itself_under_ipywidgets_7_as_on_colab(monkeypatch):
+    """Colab ships ipywidgets 7, whose widgets have no ``_repr_mimebundle_``
+    (tried by hand with 7.8.5): the widget is displayed as it is, and still redraws."""
+    import ipywidgets
+    import IPython.display
+
+    shown = []
+    monkeypatch.delattr(ipywidgets.Widget, "_repr_mimebundle_")
+    monkeypatch.setattr(IPython.display, "display", lambda *objects, **kwargs: shown.extend(objects))
+    x = torch.randn(64, generator=torch.Generator().manual_seed(0))
+    bits = widgets.slider("bits", range(2, 9), 8)
+    box = widgets.explore(lambda bits: views.int_grid(x, bits, "absmax", 1), bits=bits)
+    assert shown == [box]
+    bits.value = 4
+    assert "4-bit absmax" in box.children[1].value
+
+
 def test_explore_says_what_is_wrong():
     with pytest.raises(ValueError, match="at least one control"):
         widgets.explore(lambda: None)

@@ -15,7 +15,10 @@ from packaging.version import Version
 from wheel_resolution import PROJECT, finish, start_resolution
 
 HOSTED = [Requirement(r) for r in PROJECT["optional-dependencies"]["hosted"]]
-PINS = [Requirement(r) for r in PROJECT["dependencies"]]
+#: What the chapters import beyond the runtime dependencies: the explorers' widgets (course extra).
+FROM_THE_COURSE_EXTRA = {"ipywidgets"}
+PINS = [Requirement(r) for r in PROJECT["dependencies"]] + [
+    r for r in map(Requirement, PROJECT["optional-dependencies"]["course"]) if r.name in FROM_THE_COURSE_EXTRA]
 
 #: The torch of the hosted runtimes, looked up on 2026-12-07 in the upgrade issues PyTorch opens on
 #: googlecolab/colabtools: #5801 (2.10.0) is closed, #5982 (2.12.1, opened 2026-05-13, Colab's team
