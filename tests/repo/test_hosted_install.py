@@ -78,6 +78,8 @@ def test_the_stored_output_is_what_the_cell_prints_here():
         text = "".join(o.get("text", "") if isinstance(o.get("text"), str) else "".join(o["text"])
                        for o in cell["outputs"])
         assert text.startswith("not on Colab or Kaggle: nothing to install"), f"{notebook}: {text!r}"
+        # nbval refuses outputs without an execution count ("Unrun reference cell has outputs")
+        assert cell["execution_count"] is not None, f"{notebook}: the install cell has outputs but no execution count"
 
 
 def test_the_install_cell_runs_in_a_fresh_environment(tmp_path):
