@@ -212,7 +212,8 @@ def report(file=None, hosted: bool | None = None) -> bool:
     if hosted:
         pins = pinned_versions()
         moved = [c.name for c in checks[1:] if c.ok and c.found != pins.get(c.name)]
-        print(f"[INFO] {'hosted':<14} the course's tools (JupyterLab, nbval, pytest, ...) are not needed here", file=file)
+        print(f"[INFO] {'hosted':<14} the course's tools (JupyterLab, nbval, pytest, ...) are not needed here",
+              file=file)
         if moved:
             print(f"[INFO] {'not the pins':<14} {', '.join(moved)}: a printed number may differ from the "
                   "stored one in its last digits", file=file)
