@@ -12,9 +12,9 @@ import pytest
 from packaging.requirements import Requirement
 from packaging.version import Version
 
-from wheel_resolution import PROJECT, finish, start_resolution
+from wheel_resolution import HOSTED_EXTRA, PROJECT, finish, start_resolution
 
-HOSTED = [Requirement(r) for r in PROJECT["optional-dependencies"]["hosted"]]
+HOSTED = [Requirement(r) for r in PROJECT["optional-dependencies"][HOSTED_EXTRA]]
 #: What the chapters import beyond the runtime dependencies: the explorers' widgets (course extra).
 FROM_THE_COURSE_EXTRA = {"ipywidgets"}
 PINS = [Requirement(r) for r in PROJECT["dependencies"]] + [

@@ -5,6 +5,8 @@ import sys
 import tomllib
 from pathlib import Path
 
+from wheel_resolution import pinned_requirements
+
 ROOT = Path(__file__).resolve().parents[2]
 
 
@@ -16,11 +18,7 @@ def _parse(requirement: str) -> tuple[str, str]:
 
 def pyproject_pins() -> dict[str, str]:
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
-    requirements = list(project["dependencies"])
-    for name, extra in project.get("optional-dependencies", {}).items():
-        if name != "hosted":  # Colab's and Kaggle's ranges, not pins: tests/repo/test_hosted_extra.py
-            requirements += extra
-    return dict(_parse(r) for r in requirements)
+    return dict(_parse(r) for r in pinned_requirements(project))
 
 
 def environment_pins() -> dict[str, str]:

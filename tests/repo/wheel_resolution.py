@@ -28,10 +28,15 @@ def supported_versions() -> list[str]:
     return [f"3.{minor}" for minor in range(40) if spec.contains(f"3.{minor}")]
 
 
-def pinned_requirements() -> list[str]:
-    lines = list(PROJECT["dependencies"])
-    for name, extra in PROJECT.get("optional-dependencies", {}).items():
-        if name != "hosted":  # Colab's and Kaggle's ranges, not pins: tests/repo/test_hosted_extra.py
+#: The extra of version ranges for Colab and Kaggle (tests/repo/test_hosted_extra.py): not pins.
+HOSTED_EXTRA = "hosted"
+
+
+def pinned_requirements(project: dict = PROJECT) -> list[str]:
+    """Every ``name==version`` line of the project: its dependencies and every extra but the hosted ranges."""
+    lines = list(project["dependencies"])
+    for name, extra in project.get("optional-dependencies", {}).items():
+        if name != HOSTED_EXTRA:
             lines += extra
     return lines
 
